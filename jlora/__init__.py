@@ -1,0 +1,41 @@
+"""jlora: LoRA variants for JAX/Flax parameter pytrees.
+
+Methods: `lora` (and rsLoRA), `pissa`, `slora`, `nlora`, `inttune`, `nola`, `gora`.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, jlora
+  >>> params = {"layer": {"kernel": jnp.ones((16, 8))}}
+  >>> cfg = jlora.AdapterConfig(method="nlora", rank=4, targets=r".*/kernel")
+  >>> base, adapters = jlora.init(cfg, params, jax.random.key(0))
+  >>> tx = jlora.optimizer(adapters, optax.adam(1e-3))
+  >>> jlora.trainable_count(adapters)
+  112
+"""
+
+from jlora.adapters import Adapters, delta, init, merge, unmerge
+from jlora.config import METHODS, AdapterConfig, Rule
+from jlora.counting import summary, trainable_count
+from jlora.gradstats import gradient_stats
+from jlora.inject import inject
+from jlora.methods import Adapter, AdapterSpec
+from jlora.optim import optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Adapter",
+    "AdapterConfig",
+    "AdapterSpec",
+    "Adapters",
+    "Rule",
+    "delta",
+    "gradient_stats",
+    "init",
+    "inject",
+    "merge",
+    "optimizer",
+    "summary",
+    "trainable_count",
+    "unmerge",
+]

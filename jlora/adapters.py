@@ -1,0 +1,303 @@
+"""`init`, `merge`, `unmerge` and `delta` over parameter pytrees.
+
+Adapters are a dict `{kernel path: Adapter}`, separate from the frozen base parameters. Inits and
+merges run under `jax.jit` in fp32 and are cast back to the kernel's dtype.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jlora
+  >>> params = {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
+  >>> cfg = jlora.AdapterConfig(method="lora", rank=4, targets=".*")
+  >>> base, adapters = jlora.init(cfg, params, jax.random.key(0))
+  >>> merged = jlora.merge(base, adapters)  # ΔK = 0 at init for LoRA
+  >>> bool(jnp.all(merged["dense"]["kernel"] == params["dense"]["kernel"]))
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import linalg, targets
+from jlora.config import AdapterConfig
+from jlora.methods import METHODS, Adapter, AdapterSpec
+from jlora.methods import gora as gora_lib
+
+log = logging.getLogger("jlora")
+
+Adapters = dict[str, Adapter]
+
+
+def _as_key(key: jax.Array | int | None, seed: int) -> jax.Array:
+    if key is None:
+        return jax.random.key(seed)
+    if isinstance(key, int):
+        return jax.random.key(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(key)
+    return key
+
+
+def delta_of(adapter: Adapter) -> jax.Array:
+    """ΔK = s · A @ M @ B of one adapter in fp32 (traceable)."""
+    spec = adapter.spec
+    A, M, B = METHODS[spec.method].factors(adapter.params, spec)
+    if M is not None:
+        A = linalg.mm(A, M)
+    return jnp.asarray(spec.scale_array()) * linalg.mm(A, B)
+
+
+# Per-target static seeds (NOLA) would make every target a new compilation of the jitted helpers
+# below; they travel as a traced argument instead, so targets of one shape share one compilation.
+def _split_seed(spec: AdapterSpec) -> tuple[AdapterSpec, jax.Array | None]:
+    if spec.nola_seed is None:
+        return spec, None
+    return dataclasses.replace(spec, nola_seed=None), jnp.int32(spec.nola_seed)
+
+
+def _with_seed(spec: AdapterSpec, seed: jax.Array | None) -> AdapterSpec:
+    return spec if seed is None else dataclasses.replace(spec, nola_seed=seed)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config"))
+def _init_jit(
+    K: jax.Array,
+    key: jax.Array,
+    grad: jax.Array | None,
+    seed: jax.Array | None,
+    *,
+    spec: AdapterSpec,
+    config: AdapterConfig,
+) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    K32 = K.astype(jnp.float32)
+    traced_spec = _with_seed(spec, seed)
+    params = METHODS[spec.method].init(K32, key, traced_spec, config, grad)
+    delta = delta_of(Adapter(params=params, spec=traced_spec))
+    return params, (K32 - delta).astype(K.dtype) if spec.residual else None
+
+
+def _init_target(
+    K: jax.Array, key: jax.Array, grad: jax.Array | None, spec: AdapterSpec, config: AdapterConfig
+) -> tuple[Adapter, jax.Array | None]:
+    static_spec, seed = _split_seed(spec)
+    params, new_kernel = _init_jit(K, key, grad, seed, spec=static_spec, config=config)
+    return Adapter(params=params, spec=spec), new_kernel
+
+
+def _seeded(fn: Any) -> Any:
+    """`fn(*arrays, adapter)` jitted once per shape and spec, whatever the adapter's NOLA seed."""
+
+    @jax.jit
+    def traced(args: tuple, adapter: Adapter, seed: jax.Array | None) -> jax.Array:
+        return fn(*args, adapter.replace(spec=_with_seed(adapter.spec, seed)))
+
+    def call(*args: Any) -> jax.Array:
+        *arrays, adapter = args
+        spec, seed = _split_seed(adapter.spec)
+        return traced(tuple(arrays), adapter.replace(spec=spec), seed)
+
+    return call
+
+
+def _grads_for(grads: Any, tgts: list[targets.Target]) -> dict[str, jax.Array]:
+    flat = dict(grads) if isinstance(grads, Mapping) and all("/" in k for k in grads) else None
+    if flat is None:
+        flat = targets.flatten(grads)
+    missing = [t.path for t in tgts if t.path not in flat]
+    if missing:
+        raise ValueError(f"grads has no gradient for targets {missing[:5]}")
+    for t in tgts:
+        if tuple(flat[t.path].shape) != t.shape:
+            raise ValueError(
+                f"grads[{t.path!r}] has shape {tuple(flat[t.path].shape)}, its kernel {t.shape}"
+            )
+    return {t.path: flat[t.path] for t in tgts}
+
+
+def _spec(
+    config: AdapterConfig, t: targets.Target, tkey: jax.Array, gora: dict[str, Any] | None
+) -> AdapterSpec:
+    method = METHODS[config.method]
+    fields: dict[str, Any] = dict(
+        method=config.method,
+        rank=t.rank,
+        alpha=t.alpha,
+        scale=config.scale(t.rank, t.alpha),
+        kernel_shape=t.shape,
+        kernel_dtype=t.dtype.name,
+        trainable=method.trainable(config),
+        lr_ratios=method.lr_ratios(config),
+        dropout=float(config.dropout),
+        residual=method.residual(config),
+    )
+    if config.method == "nola":
+        fields["nola_seed"] = int(jax.random.randint(tkey, (), 0, 2**31 - 1))
+        fields["nola_num_basis"] = config.nola_num_basis
+    if gora is not None:
+        ranks = gora["ranks"][t.path]
+        fields["rank"] = int(ranks.max())
+        fields["ranks"] = gora_lib.nested_tuple(ranks)
+        fields["scale"] = gora_lib.scale_of(ranks, t.alpha)
+        fields["budget"] = gora["budgets"][t.path]
+    return AdapterSpec(**fields)
+
+
+def init(
+    config: AdapterConfig,
+    params: Any,
+    key: jax.Array | int | None = None,
+    *,
+    grads: Any = None,
+) -> tuple[Any, Adapters]:
+    """Selects the targets of `config` in `params` and initialises their adapters.
+
+    Args:
+      config: the method, rank, scale and target rules.
+      params: a parameter pytree (e.g. a Linen `params` collection).
+      key: a PRNG key (typed or raw) or an int seed; None uses `config.seed`.
+      grads: `gora` only: the pre-pass gradients from `jlora.gradient_stats`, as `{path: G}` or a
+        pytree shaped like `params`.
+
+    Returns:
+      `(base_params, adapters)`: the frozen parameters (a new pytree where `pissa` and the
+      residual `nlora`/`inttune` variants rewrote targeted kernels to `K − ΔK_init`; otherwise
+      `params` itself) and `{kernel path: Adapter}`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"q": {"kernel": jnp.eye(8)}}
+      >>> base, ad = jlora.init(jlora.AdapterConfig(method="nlora", rank=2), params)
+      >>> ad["q/kernel"].params["M"].shape
+      (2, 2)
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a jlora.AdapterConfig, got {type(config).__name__}")
+    tgts = targets.select(params, config.targets, config.rank, config.alpha)
+    key = _as_key(key, config.seed)
+    flat = targets.flatten(params)
+    gflat: dict[str, jax.Array] = {}
+    gora = None
+    if config.method == "gora":
+        if grads is None:
+            raise ValueError(
+                "method 'gora' needs gradients: jlora.init(config, params, key, "
+                "grads=jlora.gradient_stats(loss_fn, params, batches, config))"
+            )
+        gflat = _grads_for(grads, tgts)
+        imps = {t.path: np.asarray(gora_lib.importance(flat[t.path], gflat[t.path])) for t in tgts}
+        ranks, budgets = gora_lib.allocate_ranks(
+            imps,
+            {t.path: t.shape[-2:] for t in tgts},
+            {t.path: t.rank for t in tgts},
+            config.gora_rank_range,
+        )
+        gora = {"ranks": ranks, "budgets": budgets}
+    elif grads is not None:
+        raise ValueError(f"grads is only used by method 'gora', not {config.method!r}")
+
+    start = time.perf_counter()
+    adapters: Adapters = {}
+    new_kernels: dict[str, jax.Array] = {}
+    for t in tgts:
+        tkey = jax.random.fold_in(key, targets.stable_hash(t.path))
+        spec = _spec(config, t, tkey, gora)
+        adapter, new_kernel = _init_target(flat[t.path], tkey, gflat.get(t.path), spec, config)
+        adapters[t.path] = adapter
+        if new_kernel is not None:
+            new_kernels[t.path] = new_kernel
+        log.debug("jlora.init: %s %s rank %d", config.method, t.path, spec.rank)
+    base = targets.replace(params, new_kernels) if new_kernels else params
+    n_train = sum(trainable_leaf_sizes(adapters).values())
+    log.info(
+        "jlora.init: %s on %d targets, %d trainable parameters (%.2fs)",
+        config.method,
+        len(adapters),
+        n_train,
+        time.perf_counter() - start,
+    )
+    if gora is not None:
+        budget = sum(gora["budgets"].values())
+        log.info("jlora.init: gora allocated %d parameters for a budget of %d", n_train, budget)
+    return base, adapters
+
+
+def trainable_leaf_sizes(adapters: Adapters) -> dict[str, int]:
+    """Number of trainable numbers per target path."""
+    return {
+        p: sum(int(np.prod(a.params[n].shape)) for n in a.spec.trainable)
+        for p, a in adapters.items()
+    }
+
+
+def delta(adapters: Adapters) -> dict[str, jax.Array]:
+    """`{path: ΔK}` in fp32, shaped like each targeted kernel."""
+    return {p: _delta_jit(a) for p, a in adapters.items()}
+
+
+_delta_jit = _seeded(delta_of)
+
+
+@_seeded
+def _merge_one(K: jax.Array, adapter: Adapter) -> jax.Array:
+    return (K.astype(jnp.float32) + delta_of(adapter)).astype(K.dtype)
+
+
+@_seeded
+def _unmerge_one(K: jax.Array, adapter: Adapter) -> jax.Array:
+    return (K.astype(jnp.float32) - delta_of(adapter)).astype(K.dtype)
+
+
+def _kernels(params: Any, adapters: Adapters, fn_name: str) -> dict[str, jax.Array]:
+    flat = targets.flatten(params)
+    for p, a in adapters.items():
+        if p not in flat:
+            near = [q for q in flat if q.endswith("kernel")][:5]
+            raise KeyError(f"{fn_name}: adapter target {p!r} is not in params (kernels: {near}…)")
+        if tuple(flat[p].shape) != a.spec.kernel_shape:
+            raise ValueError(
+                f"{fn_name}: params[{p!r}] has shape {tuple(flat[p].shape)}, the adapter was "
+                f"made for {a.spec.kernel_shape}"
+            )
+    return flat
+
+
+def _is_traced(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def merge(base_params: Any, adapters: Adapters, *, check: bool = True) -> Any:
+    """Base parameters with every adapter folded in: `K + ΔK` (fp32 arithmetic, cast back).
+
+    Traceable, so `model.apply(jlora.merge(base, adapters), x)` inside a jitted loss is the
+    universal (merged) path. Outside tracing, with `check=True`, raises `FloatingPointError` if
+    a merged kernel holds NaN or Inf.
+    """
+    flat = _kernels(base_params, adapters, "merge")
+    merged = {p: _merge_one(flat[p], a) for p, a in adapters.items()}
+    if check and not _is_traced((merged, adapters)):
+        bad = [p for p, k in merged.items() if not bool(jnp.all(jnp.isfinite(k)))]
+        if bad:
+            culprits = [
+                p
+                for p in bad
+                if not all(bool(jnp.all(jnp.isfinite(v))) for v in adapters[p].params.values())
+            ]
+            raise FloatingPointError(
+                f"merge produced NaN/Inf in {len(bad)} kernel(s): {bad[:5]}; adapters with "
+                f"non-finite leaves: {culprits[:5]}"
+            )
+    return targets.replace(base_params, merged)
+
+
+def unmerge(params: Any, adapters: Adapters) -> Any:
+    """Inverse of `merge`: `K − ΔK` for every adapted kernel (recovers `base_params`)."""
+    flat = _kernels(params, adapters, "unmerge")
+    return targets.replace(params, {p: _unmerge_one(flat[p], a) for p, a in adapters.items()})
