@@ -6,7 +6,7 @@ and what is allowed.
 
 Example:
   >>> import jlora
-  >>> cfg = jlora.AdapterConfig(method="nlora", rank=8, alpha=16, targets=r".*/(query|value)/kernel")
+  >>> cfg = jlora.AdapterConfig(method="nlora", rank=8, targets=r".*/(query|value)/kernel")
   >>> cfg.rank
   8
 """
@@ -162,7 +162,9 @@ class AdapterConfig:
         if not _is_number(self.nlora_rcond) or not 0.0 <= self.nlora_rcond < 1.0:
             _fail("nlora_rcond", self.nlora_rcond, "a number in [0, 1)")
         nb = self.nola_num_basis
-        if not (isinstance(nb, Sequence) and len(nb) == 2 and all(_is_int(v) and v >= 1 for v in nb)):
+        if not (
+            isinstance(nb, Sequence) and len(nb) == 2 and all(_is_int(v) and v >= 1 for v in nb)
+        ):
             _fail("nola_num_basis", nb, "a pair (k, l) of integers >= 1")
         object.__setattr__(self, "nola_num_basis", tuple(nb))
         if self.nola_basis not in ("regenerate", "cache"):
@@ -174,7 +176,9 @@ class AdapterConfig:
             and all(_is_int(v) for v in rr)
             and 1 <= rr[0] <= rr[1]
         ):
-            _fail("gora_rank_range", rr, "a pair (r_min, r_max) of integers with 1 <= r_min <= r_max")
+            _fail(
+                "gora_rank_range", rr, "a pair (r_min, r_max) of integers with 1 <= r_min <= r_max"
+            )
         object.__setattr__(self, "gora_rank_range", tuple(rr))
         if not _is_number(self.gora_gamma) or self.gora_gamma < 0:
             _fail("gora_gamma", self.gora_gamma, "a finite number >= 0")

@@ -54,13 +54,13 @@ def randomized_svd(
 def pinv(M: jax.Array, rcond: float) -> jax.Array:
     """Pseudo-inverse dropping singular values below `rcond` times the largest."""
     U, S, Vt = jnp.linalg.svd(M, full_matrices=False)
-    keep = S > rcond * S[0]
+    keep = rcond * S[0] < S
     inv = jnp.where(keep, 1.0 / jnp.where(keep, S, 1.0), 0.0)
     return mm(Vt.T * inv, U.T)
 
 
 def nystrom_first(K: jax.Array, r: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """CUR skeleton from the first r rows and columns: (C, U, R) = (K[:, :r], K[:r, :r], K[:r, :])."""
+    """CUR skeleton of the first r rows and columns: (K[:, :r], K[:r, :r], K[:r, :])."""
     return K[:, :r], K[:r, :r], K[:r, :]
 
 

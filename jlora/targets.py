@@ -8,7 +8,8 @@ layers (as `nn.scan` produces).
 Example:
   >>> import jax.numpy as jnp
   >>> from jlora import targets
-  >>> params = {"attn": {"query": {"kernel": jnp.zeros((4, 4))}, "out": {"kernel": jnp.zeros((4, 4))}}}
+  >>> k = {"kernel": jnp.ones((4, 4))}
+  >>> params = {"attn": {"query": k, "out": k}}
   >>> [t.path for t in targets.select(params, [targets.Rule(pattern=".*/query/kernel")], 2, 16.0)]
   ['attn/query/kernel']
 """

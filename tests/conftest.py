@@ -98,9 +98,9 @@ def make_config(variant: str, **overrides):
 
 def fake_grads(params, seed: int = 3):
     """Random 'pre-pass gradients' for every kernel (GoRA's init only needs their values)."""
-    import jlora.targets as T
+    from jlora import targets
 
-    flat = {p: v for p, v in T.flatten(params).items() if T.is_kernel(p, v)}
+    flat = {p: v for p, v in targets.flatten(params).items() if targets.is_kernel(p, v)}
     keys = jax.random.split(jax.random.key(seed), len(flat))
     return {p: jax.random.normal(k, v.shape) for k, (p, v) in zip(keys, flat.items(), strict=True)}
 

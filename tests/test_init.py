@@ -124,12 +124,21 @@ def test_nola_regenerated_bases_equal_cached(stacked_params):
     # with trained coefficients the two give the same ΔK
     rng = np.random.default_rng(0)
     trained = {
-        p: a.replace(params={**a.params, "alpha": rng.normal(size=a.params["alpha"].shape),
-                             "beta": rng.normal(size=a.params["beta"].shape)})
+        p: a.replace(
+            params={
+                **a.params,
+                "alpha": rng.normal(size=a.params["alpha"].shape),
+                "beta": rng.normal(size=a.params["beta"].shape),
+            }
+        )
         for p, a in regen.items()
     }
-    cached = {p: cache[p].replace(params={**cache[p].params, **{n: trained[p].params[n]
-              for n in ("alpha", "beta")}}) for p in cache}
+    cached = {
+        p: cache[p].replace(
+            params={**cache[p].params, **{n: trained[p].params[n] for n in ("alpha", "beta")}}
+        )
+        for p in cache
+    }
     for p in regen:
         np.testing.assert_allclose(jlora.delta(trained)[p], jlora.delta(cached)[p], rtol=1e-5)
         assert float(jnp.abs(jlora.delta(trained)[p]).max()) > 0
@@ -178,7 +187,9 @@ def test_gora_ranks_follow_importance():
 
 def test_gora_stacked_ranks_are_padded(stacked_params):
     grads = fake_grads(stacked_params)
-    grads["layers/mlp/kernel"] = grads["layers/mlp/kernel"] * jnp.array([5.0, 1.0, 0.1])[:, None, None]
+    grads["layers/mlp/kernel"] = (
+        grads["layers/mlp/kernel"] * jnp.array([5.0, 1.0, 0.1])[:, None, None]
+    )
     cfg = make_config("gora", rank=4, gora_rank_range=(1, 16), targets=".*kernel")
     _, ad = jlora.init(cfg, stacked_params, jax.random.key(0), grads=grads)
     a = ad["layers/mlp/kernel"]

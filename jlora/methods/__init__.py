@@ -7,8 +7,6 @@ from jlora.methods.nola import NOLA
 from jlora.methods.pissa import PISSA
 from jlora.methods.slora import INTTUNE, NLORA, SLORA
 
-METHODS: dict[str, Method] = {
-    m.name: m for m in (LORA, PISSA, SLORA, NLORA, INTTUNE, NOLA, GORA)
-}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, PISSA, SLORA, NLORA, INTTUNE, NOLA, GORA)}
 
 __all__ = ["METHODS", "Adapter", "AdapterSpec", "Method"]

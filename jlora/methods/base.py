@@ -74,7 +74,7 @@ class AdapterSpec:
     def scale_array(self) -> np.ndarray:
         """The scale broadcastable against stacked `(*stack, d_in, d_out)` matrices."""
         s = np.asarray(self.scale, np.float32)
-        return s.reshape(s.shape + (1, 1)) if s.ndim else s
+        return s.reshape((*s.shape, 1, 1)) if s.ndim else s
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021): ΔK = s · A @ B with A random and B = 0, so the output is unchanged at init.
+"""LoRA (Hu et al. 2021): ΔK = s · A @ B with A random and B = 0 (output unchanged at init).
 
 A ~ Kaiming-uniform on (d_in, r) by default, or N(0, σ = 1/r) with `lora_init="gaussian"` (as
 PEFT's "gaussian" init). rsLoRA changes only the scale (alpha / √r), see `AdapterConfig.scale`.

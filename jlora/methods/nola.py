@@ -61,7 +61,9 @@ def _factors(params: Leaves, spec: AdapterSpec) -> tuple[jax.Array, None, jax.Ar
     b = {n: params[n] for n in BASIS_LEAVES} if "A_basis" in params else bases(spec)
     hi = jax.lax.Precision.HIGHEST
     alpha, beta = params["alpha"], params["beta"]
-    A = b["A0"].astype(alpha.dtype) + jnp.einsum("...k,...kir->...ir", alpha, b["A_basis"], precision=hi)
+    A = b["A0"].astype(alpha.dtype) + jnp.einsum(
+        "...k,...kir->...ir", alpha, b["A_basis"], precision=hi
+    )
     B = jnp.einsum("...l,...lro->...ro", beta, b["B_basis"], precision=hi)
     return A, None, B
 

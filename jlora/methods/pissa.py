@@ -1,4 +1,4 @@
-"""PiSSA (Meng et al. 2024): factors from the top-r SVD of K; the frozen kernel becomes the residual.
+"""PiSSA (Meng et al. 2024): factors from the top-r SVD of K; the frozen kernel keeps the rest.
 
 `K = U S Vᵀ`, `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`, so `s · A @ B` is the rank-r truncation
 of K. The frozen kernel becomes `K − s · A @ B`, computed from the factors actually used, so the
