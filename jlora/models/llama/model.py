@@ -148,6 +148,9 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm. Returns the final hidden states, or, with
+    `tie_word_embeddings`, the logits over the shared embedding (the embedding lives here)."""
+
     config: LlamaConfig
     dtype: Any = jnp.float32
 
