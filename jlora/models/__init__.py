@@ -1,5 +1,35 @@
-"""Pretrained model families in Flax Linen with checkpoint loaders.
+"""Pretrained model families in Flax Linen, with Hugging Face loaders and savers.
 
-Present: the Llama-family decoder (`jlora.models.llama`) and the llama2.c converter
-(`jlora.models.llama2c`). Hugging Face loaders, BERT and `generate` are being added.
+- decoders (`jlora.models.llama`): Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2; `generate`;
+- encoders (`jlora.models.bert`): BERT, RoBERTa, MiniLM, with a classification head;
+- `load` / `save_hf` (Hugging Face folders, hub ids, GGUF, llama2.c, offline packages);
+- `preset(model, "attention" | "all-linear")`: target regexes for `jlora.AdapterConfig`.
+
+Example:
+  >>> import jlora.models as jm
+  >>> jm.preset("llama", "attention")
+  'model/layers_\\\\d+/self_attn/(q|k|v|o)_proj/kernel'
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from jlora.models.generate import generate
+from jlora.models.hub import load, save_hf
+
+__all__ = ["generate", "load", "preset", "save_hf"]
+
+
+def preset(model: Any, name: str) -> str:
+    """Target regex `name` ("attention" or "all-linear") for a model or a family name."""
+    family = model if isinstance(model, str) else getattr(model, "family", None)
+    if family == "llama":
+        from jlora.models.llama import PRESETS
+    elif family == "bert":
+        from jlora.models.bert import PRESETS
+    else:
+        raise ValueError(f"model family {family!r}: presets exist for 'llama' and 'bert'")
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]

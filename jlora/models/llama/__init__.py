@@ -1,5 +1,5 @@
-"""Llama-family decoders (Llama 2, SmolLM2, stories260K ...)."""
+"""Llama-family decoders: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, stories260K."""
 
-from jlora.models.llama.model import Llama, LlamaConfig
+from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, RopeScaling
 
-__all__ = ["Llama", "LlamaConfig"]
+__all__ = ["PRESETS", "Llama", "LlamaConfig", "RopeScaling"]

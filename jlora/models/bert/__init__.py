@@ -1,0 +1,22 @@
+"""BERT-family encoders (BERT, RoBERTa, MiniLM / sentence-transformers) and their HF key map."""
+
+from jlora.models.bert.model import Bert, BertConfig, family, mean_pool
+from jlora.models.bert.params import (
+    PRESETS,
+    config_from_hf,
+    config_to_hf,
+    params_from_hf,
+    params_to_hf,
+)
+
+__all__ = [
+    "PRESETS",
+    "Bert",
+    "BertConfig",
+    "config_from_hf",
+    "config_to_hf",
+    "family",
+    "mean_pool",
+    "params_from_hf",
+    "params_to_hf",
+]
