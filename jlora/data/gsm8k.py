@@ -1,0 +1,70 @@
+"""GSM8K answer extraction and exact-match scoring.
+
+A reference answer ends with `#### <number>`. A model generation is scored by the number after
+its first `####` if it wrote one, else by the last number in the text. Numbers are normalised
+before comparison: `$`, thousands separators and a trailing `.` are dropped, and equal values
+compare equal ("18.00" == "18", "1,234" == "1234").
+
+Example:
+  >>> extract_answer("She pays 3 * $6 = $<<3*6=18>>18.\\n#### 18")
+  '18'
+  >>> exact_match("So the total is $1,234.00.", "... #### 1234")
+  True
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+# A number: optional minus (not a hyphen inside a word), optional `$`, digits with optional
+# comma thousands groups, optional decimals; `.5` counts too.
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a number string: no `$`/commas/trailing dot, integral values as ints.
+
+    Example:
+      >>> normalize_number("$1,234.50"), normalize_number("-18.00"), normalize_number("x")
+      ('1234.5', '-18', None)
+    """
+    s = text.strip().replace("$", "").replace(",", "").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """The normalised final answer: the first number after `####`, else the last number.
+
+    Returns None when the text holds no number (or nothing numeric after `####`).
+
+    Example:
+      >>> extract_answer("The answer is 1,234."), extract_answer("#### $18.00")
+      ('1234', '18')
+      >>> extract_answer("no idea") is None
+      True
+    """
+    if "####" in text:
+        numbers = _NUMBER.findall(text.split("####", 1)[1])
+        return normalize_number(numbers[0]) if numbers else None
+    numbers = _NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def exact_match(prediction_text: str, reference_text: str) -> bool:
+    """Whether a generation's final answer equals the reference's (False if either has none).
+
+    Example:
+      >>> exact_match("18 dollars", "#### 18"), exact_match("#### 17", "#### 18")
+      (True, False)
+    """
+    reference = extract_answer(reference_text)
+    return reference is not None and extract_answer(prediction_text) == reference
