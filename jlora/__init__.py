@@ -12,7 +12,7 @@ Example:
   112
 """
 
-from jlora.adapters import Adapters, delta, init, merge, unmerge
+from jlora.adapters import Adapters, combine, delta, init, merge, split, unmerge
 from jlora.config import METHODS, AdapterConfig, Rule
 from jlora.counting import summary, trainable_count
 from jlora.gradstats import gradient_stats
@@ -29,12 +29,14 @@ __all__ = [
     "AdapterSpec",
     "Adapters",
     "Rule",
+    "combine",
     "delta",
     "gradient_stats",
     "init",
     "inject",
     "merge",
     "optimizer",
+    "split",
     "summary",
     "trainable_count",
     "unmerge",

@@ -301,3 +301,32 @@ def unmerge(params: Any, adapters: Adapters) -> Any:
     """Inverse of `merge`: `K − ΔK` for every adapted kernel (recovers `base_params`)."""
     flat = _kernels(params, adapters, "unmerge")
     return targets.replace(params, {p: _unmerge_one(flat[p], a) for p, a in adapters.items()})
+
+
+def split(adapters: Adapters) -> tuple[Adapters, Adapters]:
+    """`(trainable, frozen)`: the same targets and specs, each holding one part of the leaves.
+
+    Differentiate with respect to `trainable` only, so the gradients of frozen leaves (IntTune's
+    A and B, NOLA's cached bases) are never computed; `combine` puts the halves back together.
+
+    Example:
+      >>> import jax.numpy as jnp, jlora
+      >>> _, ad = jlora.init(jlora.AdapterConfig(method="inttune", rank=2),
+      ...                    {"q": {"kernel": jnp.eye(4)}})
+      >>> t, f = jlora.split(ad)
+      >>> sorted(t["q/kernel"].params), sorted(f["q/kernel"].params)
+      (['M'], ['A', 'B'])
+      >>> jlora.combine(t, f)["q/kernel"].params.keys() == ad["q/kernel"].params.keys()
+      True
+    """
+    trainable, frozen = {}, {}
+    for path, a in adapters.items():
+        names = set(a.spec.trainable)
+        trainable[path] = Adapter({n: v for n, v in a.params.items() if n in names}, a.spec)
+        frozen[path] = Adapter({n: v for n, v in a.params.items() if n not in names}, a.spec)
+    return trainable, frozen
+
+
+def combine(trainable: Adapters, frozen: Adapters) -> Adapters:
+    """Inverse of `split`."""
+    return {p: Adapter({**a.params, **frozen[p].params}, a.spec) for p, a in trainable.items()}
