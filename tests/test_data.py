@@ -41,14 +41,14 @@ def _examples(n: int, seed: int = 0, max_len: int = 60, label: bool = True) -> l
 
 def test_shipped_sst2(sst2_dev):
     train = jd.load_rows(jd.DATA_DIR / "sst2", "train")
-    assert len(sst2_dev) == 872 and len(train) == 4000
+    assert len(sst2_dev) == 872 and len(train) == 8000
     for rows in (sst2_dev, train):
         assert all(set(r) == {"sentence", "label"} and r["label"] in (0, 1) for r in rows)
     assert Counter(r["label"] for r in sst2_dev) == {0: 428, 1: 444}
     counts = Counter(r["label"] for r in train)
-    assert counts == {0: 1769, 1: 2231}  # the original 55.8 % positive
+    assert counts == {0: 3537, 1: 4463}  # the original 55.8 % positive
     assert all(len(r["sentence"].split()) >= 5 for r in train)
-    assert len({r["sentence"] for r in train}) == 4000
+    assert len({r["sentence"] for r in train}) == 8000
     assert sst2_dev[0]["sentence"] == "it 's a charming and often affecting journey . "
     assert jd.load_rows(jd.DATA_DIR / "sst2", "validation") == sst2_dev  # dev alias
 

@@ -1,0 +1,453 @@
+"""Adapter export: the compact jlora format, and PEFT LoRA folders that PyTorch loads.
+
+- **jlora** (`save_adapters` / `load_adapters`): `adapter_config.json` (the `AdapterConfig` and
+  each target's `AdapterSpec`, so adapters come back without re-running `jlora.init`) and
+  `adapters.safetensors` (tensors keyed `<target path>::<leaf>`, a trained head under
+  `extra::<path>`). Only what cannot be regenerated is stored: NOLA's offset and bases come back
+  from the seed in the spec (cached ones included), so a NOLA file holds k + l numbers per target.
+  A reload has equal specs and the same pytree structure, so `merge` gives the same kernels and a
+  restored optimizer state still fits.
+- **PEFT LoRA** (`to_peft`): `adapter_config.json` + `adapter_model.safetensors` in PyTorch layout
+  for the matching transformers class (`BertForSequenceClassification`, `LlamaForCausalLM`, ...),
+  for `peft.PeftModel.from_pretrained(base, path)`. Every method folds into a plain LoRA:
+  the middle matrix goes into B (`lora_B = (M @ B)ᵀ`), NOLA's A and B are materialised, and the
+  methods that rewrote the frozen kernel (PiSSA, Nyström `pinv` / `random`) become a rank-2r
+  adapter on the ORIGINAL base, `A' = [A, A0]`, `B' = [M B; −M0 B0]`, because
+  `(K − s·A0 M0 B0) + s·A M B = K + s·(A M B − A0 M0 B0)`. PEFT's scale `lora_alpha / r` is matched
+  per target with `use_rslora=False` and `lora_alpha = s·r`; targets whose (r, lora_alpha) differ
+  from the most common ones go to `rank_pattern` / `alpha_pattern`, keyed by full module names
+  (PEFT matches keys as regexes `(.*\\.)?key$`, first key wins; the export checks that every key
+  selects its own module only). Heads passed as `extra_params` go to `modules_to_save`, saved
+  under the names PEFT itself writes (`base_model.model.classifier.weight`: PEFT drops the
+  `modules_to_save.default.` part when saving and restores it when loading).
+
+Folding is done in float64 and written as float32. Stacked kernels are not exported.
+
+Example:
+  >>> import tempfile, jax.numpy as jnp, jlora
+  >>> from jlora import export
+  >>> params = {"q": {"kernel": jnp.ones((8, 6))}}
+  >>> cfg = jlora.AdapterConfig(method="nola", rank=2, nola_num_basis=(4, 3))
+  >>> base, ad = jlora.init(cfg, params, 0)
+  >>> folder = export.save_adapters(tempfile.mkdtemp(), ad, cfg)
+  >>> loaded, cfg2, extra, meta = export.load_adapters(folder)
+  >>> loaded["q/kernel"].spec == ad["q/kernel"].spec, cfg2 == cfg, extra, meta
+  (True, True, None, {})
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jlora import targets
+from jlora.adapters import Adapters
+from jlora.config import AdapterConfig, Rule
+from jlora.methods import METHODS, Adapter, AdapterSpec
+from jlora.methods import nola as nola_lib
+
+CONFIG_FILE = "adapter_config.json"
+JLORA_FILE = "adapters.safetensors"
+PEFT_FILE = "adapter_model.safetensors"
+FORMAT = "jlora"
+VERSION = 1
+_SEP = "::"
+_EXTRA = "extra"
+_PEFT_PREFIX = "base_model.model."
+
+# ---------------------------------------------------------------------------------------------
+# jlora format
+
+
+def _jsonable(x: Any) -> Any:
+    """Tuples (nested) as lists; everything else as is."""
+    if isinstance(x, tuple | list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _tuples(x: Any) -> Any:
+    """Lists (nested) back to tuples, as specs and configs hold them."""
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def _config_to_json(config: AdapterConfig) -> dict[str, Any]:
+    out = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    out["targets"] = [dataclasses.asdict(r) for r in config.targets]
+    return out
+
+
+def _fields_of(cls: type, data: Mapping[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {unknown}: expected fields of {cls.__name__}")
+
+
+def _config_from_json(data: Mapping[str, Any]) -> AdapterConfig:
+    _fields_of(AdapterConfig, data, f"{CONFIG_FILE} 'config'")
+    kw = {k: _tuples(v) for k, v in data.items()}
+    kw["targets"] = tuple(Rule(**r) for r in data["targets"])
+    return AdapterConfig(**kw)
+
+
+def _spec_to_json(spec: AdapterSpec) -> dict[str, Any]:
+    return {f.name: _jsonable(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+
+
+def _spec_from_json(data: Mapping[str, Any], path: str) -> AdapterSpec:
+    _fields_of(AdapterSpec, data, f"{CONFIG_FILE} spec of {path!r}")
+    return AdapterSpec(**{k: _tuples(v) for k, v in data.items()})
+
+
+def _regenerable(spec: AdapterSpec) -> tuple[str, ...]:
+    """Leaves a reload recomputes from the spec instead of reading them."""
+    return nola_lib.BASIS_LEAVES if spec.method == "nola" else ()
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _nola_bases(seed: jax.Array, *, spec: AdapterSpec) -> dict[str, jax.Array]:
+    # The seed is traced as in `jlora.init`, so the bases are the very same numbers.
+    return nola_lib.bases(dataclasses.replace(spec, nola_seed=seed))
+
+
+def _regenerate(spec: AdapterSpec) -> dict[str, jax.Array]:
+    static = dataclasses.replace(spec, nola_seed=None)
+    return _nola_bases(jnp.int32(spec.nola_seed), spec=static)
+
+
+def _check_key(field: str, key: str) -> None:
+    if _SEP in key:
+        raise ValueError(f"{field} path {key!r} contains {_SEP!r}, which the file format reserves")
+
+
+def save_adapters(
+    path: str | os.PathLike,
+    adapters: Adapters,
+    config: AdapterConfig,
+    *,
+    extra_params: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Writes adapters in the jlora format (see the module docstring); returns the folder.
+
+    Args:
+      path: the folder to write (created if needed).
+      adapters: `{target path: Adapter}` as `jlora.init` returns them (trained or not).
+      config: the `AdapterConfig` they were made with.
+      extra_params: other trained parameters to keep, e.g. a classification head
+        `{"classifier": {...}, "pooler": {...}}` (a pytree of arrays).
+      metadata: JSON-serialisable information (step, task, metrics, ...).
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a jlora.AdapterConfig, got {type(config).__name__}")
+    try:
+        meta = json.loads(json.dumps(dict(metadata or {})))
+    except TypeError as e:
+        raise TypeError(f"metadata={metadata!r} must be JSON-serialisable: {e}") from e
+    tensors: dict[str, np.ndarray] = {}
+    specs: dict[str, Any] = {}
+    for p, a in adapters.items():
+        _check_key("adapters", p)
+        skip = _regenerable(a.spec)
+        for name, leaf in a.params.items():
+            if name not in skip:
+                tensors[f"{p}{_SEP}{name}"] = np.asarray(leaf)
+        specs[p] = {
+            "spec": _spec_to_json(a.spec),
+            "leaves": {name: jnp.dtype(leaf.dtype).name for name, leaf in a.params.items()},
+        }
+    extra = targets.flatten(extra_params) if extra_params is not None else {}
+    for p, leaf in extra.items():
+        _check_key("extra_params", p)
+        tensors[f"{_EXTRA}{_SEP}{p}"] = np.asarray(leaf)
+    doc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": _config_to_json(config),
+        "targets": specs,
+        "extra_params": list(extra) if extra_params is not None else None,
+        "metadata": meta,
+    }
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(out / JLORA_FILE), metadata={"format": FORMAT})
+    (out / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
+    return out
+
+
+def load_adapters(
+    path: str | os.PathLike,
+) -> tuple[Adapters, AdapterConfig, Any, dict[str, Any]]:
+    """Reads a folder written by `save_adapters`.
+
+    Returns:
+      `(adapters, config, extra_params, metadata)`: adapters with the saved specs and leaves
+      (NOLA bases regenerated where they were cached), the `AdapterConfig`, the extra parameter
+      pytree (None if none was saved) and the metadata dict (empty if none).
+    """
+    folder = pathlib.Path(path)
+    doc = json.loads((folder / CONFIG_FILE).read_text())
+    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise ValueError(
+            f"{folder / CONFIG_FILE}: format={doc.get('format')!r} version={doc.get('version')!r}"
+            f", expected format={FORMAT!r} version={VERSION} (a PEFT folder? use peft to load it)"
+        )
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(folder / JLORA_FILE))
+    adapters: Adapters = {}
+    for p, entry in doc["targets"].items():
+        spec = _spec_from_json(entry["spec"], p)
+        leaves: dict[str, jax.Array] = {}
+        regenerated: dict[str, jax.Array] | None = None
+        for name, dtype in entry["leaves"].items():
+            key = f"{p}{_SEP}{name}"
+            if key in tensors:
+                leaves[name] = jnp.asarray(tensors[key])
+            elif name in _regenerable(spec):
+                regenerated = regenerated if regenerated is not None else _regenerate(spec)
+                leaves[name] = regenerated[name].astype(dtype)
+            else:
+                raise KeyError(f"{folder / JLORA_FILE} lacks tensor {key!r} of target {p!r}")
+        adapters[p] = Adapter(params=leaves, spec=spec)
+    extra = None
+    if doc.get("extra_params") is not None:
+        flat = {p: jnp.asarray(tensors[f"{_EXTRA}{_SEP}{p}"]) for p in doc["extra_params"]}
+        extra = traverse_util.unflatten_dict(flat, sep="/")
+    return adapters, _config_from_json(doc["config"]), extra, dict(doc.get("metadata") or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT LoRA format
+
+
+def _lora_factors(adapter: Adapter) -> tuple[np.ndarray, np.ndarray]:
+    """`(A, B)` in float64 with `ΔK = s · A @ B` (the middle matrix folded into B)."""
+    spec, leaves = adapter.spec, adapter.params
+    if spec.method == "nola" and not set(nola_lib.BASIS_LEAVES) <= set(leaves):
+        leaves = {**leaves, **_regenerate(spec)}  # one compilation per shape, shared with loads
+    A, M, B = METHODS[spec.method].factors(leaves, spec)
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    if M is not None:
+        B = np.asarray(M, np.float64) @ B
+    return A, B
+
+
+def fold(
+    path: str, adapter: Adapter, initial: Adapter | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(A', B')` in float64 with `ΔK' = s · A' @ B'` relative to the ORIGINAL kernel.
+
+    For a method whose init rewrote the frozen kernel (`spec.residual`), `initial` is the adapter
+    `jlora.init` returned for this target; the result has rank 2r: `[A, A0] @ [B; −B0]`.
+
+    Example:
+      >>> import jax.numpy as jnp, jlora
+      >>> cfg = jlora.AdapterConfig(method="pissa", rank=2)
+      >>> _, init = jlora.init(cfg, {"q": {"kernel": jnp.eye(6)}}, 0)
+      >>> A, B = fold("q/kernel", init["q/kernel"], init["q/kernel"])  # untrained: ΔK' = 0
+      >>> A.shape, B.shape, bool(np.abs(A @ B).max() < 1e-12)
+      ((6, 4), (4, 6), True)
+    """
+    spec = adapter.spec
+    if spec.stack:
+        raise ValueError(
+            f"adapter {path!r} is for a stacked kernel {spec.kernel_shape}: to_peft exports 2-D "
+            "kernels only (unstack the layers first)"
+        )
+    A, B = _lora_factors(adapter)
+    if not spec.residual:
+        return A, B
+    if initial is None:
+        raise ValueError(
+            f"initial_adapters lacks {path!r}: method {spec.method!r} rewrote the frozen kernel "
+            "at init, so the PEFT export (on the original base) needs the initial factors; pass "
+            "initial_adapters = the adapters jlora.init returned (jlora.init(config, "
+            "original_params, key) recomputes them)"
+        )
+    if initial.spec != spec:
+        raise ValueError(
+            f"initial_adapters[{path!r}].spec={initial.spec} differs from the trained adapter's "
+            f"spec={spec}: expected the adapter jlora.init returned for this target"
+        )
+    A0, B0 = _lora_factors(initial)
+    return np.concatenate([A, A0], axis=1), np.concatenate([B, -B0], axis=0)
+
+
+def _linen_module(path: str) -> str:
+    module, _, leaf = path.removeprefix("params/").rpartition("/")
+    if leaf != "kernel" or not module:
+        raise ValueError(
+            f"adapter target {path!r}: expected the '/'-joined path of a module's 'kernel'"
+        )
+    return module
+
+
+def hf_module(model: Any, module: str) -> str:
+    """Hugging Face module name of a Linen module path of a jlora model.
+
+    Example:
+      >>> from jlora.models.llama import Llama, LlamaConfig
+      >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+      ...                   num_hidden_layers=1, num_attention_heads=2)
+      >>> hf_module(Llama(cfg), "model/layers_0/self_attn/q_proj")
+      'model.layers.0.self_attn.q_proj'
+    """
+    from jlora.models.hub import family_of
+
+    fam = family_of(model.config.model_type)
+    if model.family == "llama":
+        return fam.hf_name(f"{module}/kernel").removesuffix(".weight")
+    # BERT: `params_to_hf` knows the prefix (`bert.`/`roberta.` with a head, none without).
+    tree = traverse_util.unflatten_dict({f"{module}/kernel": np.zeros((1, 1), np.float32)}, sep="/")
+    (name,) = fam.params_to_hf(model.config, tree)
+    return name.removesuffix(".weight")
+
+
+def _task_type(model: Any) -> str:
+    if model.family == "llama":
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if model.config.num_labels is not None else "FEATURE_EXTRACTION"
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _patterns(values: Mapping[str, Any], field: str) -> tuple[Any, dict[str, Any]]:
+    """The most common value (PEFT's default) and `{module: value}` for the others."""
+    default = collections.Counter(values.values()).most_common(1)[0][0]
+    pattern = {m: v for m, v in values.items() if v != default}
+    # PEFT resolves a module by the first key k with re.match(rf"(.*\.)?({k})$", module).
+    compiled = [(k, re.compile(rf"(.*\.)?({k})$")) for k in pattern]
+    for m in values:
+        hit = next((k for k, rx in compiled if rx.match(m)), None)
+        if hit != (m if m in pattern else None):
+            raise ValueError(f"{field} key {hit!r} would also select module {m!r} in PEFT")
+    return default, pattern
+
+
+def to_peft(
+    model: Any,
+    adapters: Adapters,
+    path: str | os.PathLike,
+    *,
+    initial_adapters: Adapters | None = None,
+    extra_params: Any = None,
+    base_model_name_or_path: str | None = None,
+) -> pathlib.Path:
+    """Writes a PEFT LoRA folder equal to the jlora-adapted model (see the module docstring).
+
+    Args:
+      model: the jlora model (`Bert` or `Llama`-family) whose parameters the adapters target.
+      adapters: the trained adapters.
+      path: the folder to write (created if needed).
+      initial_adapters: what `jlora.init` returned; needed for methods that rewrote the frozen
+        kernel (`pissa`, `nlora`/`inttune` with `nlora_core="pinv"`), since PEFT loads the
+        adapter onto the original base weights.
+      extra_params: trained non-adapter parameters as Linen subtrees, e.g.
+        `{"classifier": ..., "pooler": ...}`; each top-level module goes to `modules_to_save`.
+      base_model_name_or_path: written into `adapter_config.json` (a hub id or a folder).
+
+    Returns the folder. Load it with `peft.PeftModel.from_pretrained(base, folder)` on a
+    transformers model holding the original weights.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, jlora, jlora.models as jm
+      >>> from jlora.models.bert import Bert, BertConfig
+      >>> cfg = BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+      ...                  num_attention_heads=2, intermediate_size=8, num_labels=2)
+      >>> model = Bert(cfg)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))["params"]
+      >>> acfg = jlora.AdapterConfig(rank=2, targets=jm.preset(model, "attention"))
+      >>> _, ad = jlora.init(acfg, params, 0)
+      >>> folder = to_peft(model, ad, tempfile.mkdtemp(), extra_params={"classifier":
+      ...                  params["classifier"]})
+      >>> c = json.loads((folder / "adapter_config.json").read_text())
+      >>> c["task_type"], c["r"], c["lora_alpha"], c["modules_to_save"]
+      ('SEQ_CLS', 2, 16, ['classifier'])
+      >>> c["target_modules"][0]
+      'bert.encoder.layer.0.attention.output.dense'
+    """
+    family = getattr(model, "family", None)
+    if family not in ("llama", "bert") or not hasattr(model, "config"):
+        raise ValueError(
+            f"model.family={family!r}: to_peft exports adapters of jlora models of family "
+            "'llama' (llama, mistral, qwen2, qwen3) or 'bert' (bert, roberta)"
+        )
+    if not adapters:
+        raise ValueError("adapters is empty: nothing to export")
+    initial_adapters = initial_adapters or {}
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float | int] = {}
+    for p, adapter in adapters.items():
+        A, B = fold(p, adapter, initial_adapters.get(p))
+        module = hf_module(model, _linen_module(p))
+        r = A.shape[1]
+        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(A.T, np.float32)
+        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(B.T, np.float32)
+        ranks[module] = r
+        alphas[module] = _number(float(adapter.spec.scale) * r)
+    modules_to_save = None
+    if extra_params is not None:
+        modules_to_save = sorted(hf_module(model, top) for top in extra_params)
+        for top in modules_to_save:
+            inside = [m for m in ranks if m.startswith(top + ".")]
+            if inside:
+                raise ValueError(
+                    f"extra_params module {top!r} contains adapter targets {inside[:3]}: "
+                    "modules_to_save must be disjoint from the LoRA targets"
+                )
+        for p, leaf in targets.flatten(extra_params).items():
+            module, _, name = p.rpartition("/")
+            x = np.asarray(leaf, np.float32)
+            hf = f"{hf_module(model, module)}.{'bias' if name == 'bias' else 'weight'}"
+            tensors[_PEFT_PREFIX + hf] = np.ascontiguousarray(x.T if name == "kernel" else x)
+    r, rank_pattern = _patterns(ranks, "rank_pattern")
+    lora_alpha, alpha_pattern = _patterns(alphas, "alpha_pattern")
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": max(float(a.spec.dropout) for a in adapters.values()),
+        "target_modules": sorted(ranks),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": False,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": modules_to_save,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    out = pathlib.Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(out / PEFT_FILE), metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+    return out
