@@ -78,16 +78,23 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize(
     "method",
-    ["lora", "pissa", "slora", "nlora", "inttune"]
+    ["lora", "pissa", "slora", "nlora", "inttune", "nlora-bf16"]
     + [pytest.param(m, marks=SLOW) for m in ("nola", "gora", "full")],
 )
 def test_every_method_trains_and_reports(tmp_path, method):
     if method == "full":
         cfg = _cfg(GSM8K_TINY, train={"full_finetune": True, "learning_rate": 1e-3})
+    elif method == "nlora-bf16":  # bf16 base and compute, fp32 adapters
+        cfg = _cfg(GSM8K_TINY, adapter=ADAPTERS["nlora"], model={"dtype": "bfloat16"})
+        method = "nlora"
     else:
         cfg = _cfg(GSM8K_TINY, adapter=ADAPTERS[method])
     summary = loop.run(cfg, tmp_path, progress=False)
     assert summary["method"] == method
+    if cfg.model.dtype == "bfloat16":
+        setup, trainable, _ = train_export.restore_run(tmp_path)
+        assert {x.dtype for x in jax.tree.leaves(setup.frozen["base"])} == {jnp.dtype(jnp.bfloat16)}
+        assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
     assert 0.0 <= summary["eval/exact_match"] <= 1.0
     assert summary["trainable_params"] > 0
     losses = _losses(tmp_path)
