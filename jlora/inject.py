@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from jlora import targets
 from jlora.adapters import Adapters
+from jlora.lowrank import lowrank
 from jlora.methods import METHODS, Adapter
 
 
@@ -49,11 +50,8 @@ def factored_delta(x: jax.Array, adapter: Adapter, dtype: Any, key: jax.Array | 
         keep = 1.0 - spec.dropout
         mask = jax.random.bernoulli(key, keep, x.shape)
         x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-    h = jnp.matmul(x.astype(dtype), A.astype(dtype))
-    if M is not None:
-        h = jnp.matmul(h, M.astype(dtype))
-    h = jnp.matmul(h, B.astype(dtype))
-    return (jnp.asarray(spec.scale, dtype) * h).astype(dtype)
+    M = None if M is None else M.astype(dtype)
+    return lowrank(x.astype(dtype), A.astype(dtype), M, B.astype(dtype), spec.scale)
 
 
 def _check_module(module: nn.Module, path: str, adapter: Adapter) -> None:
