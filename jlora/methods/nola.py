@@ -57,14 +57,23 @@ def _init(
     return leaves
 
 
+def _mix(coef: jax.Array, basis: jax.Array) -> jax.Array:
+    """`Σ_i coef_i · basis_i` over `(*stack, n, a, b)` bases, as a matrix-vector product.
+
+    The bases are flattened to `(*stack, n, a·b)` first: XLA's CPU backward of the equivalent
+    4-axis einsum is ~9× slower (it transposes the whole basis tensor for the coefficients'
+    gradient), which made a NOLA step on a SmolLM2-shaped decoder ~2× a LoRA step.
+    """
+    flat = basis.reshape(*basis.shape[:-2], -1)
+    mixed = jnp.einsum("...n,...nm->...m", coef, flat, precision=jax.lax.Precision.HIGHEST)
+    return mixed.reshape(*basis.shape[:-3], *basis.shape[-2:])
+
+
 def _factors(params: Leaves, spec: AdapterSpec) -> tuple[jax.Array, None, jax.Array]:
     b = {n: params[n] for n in BASIS_LEAVES} if "A_basis" in params else bases(spec)
-    hi = jax.lax.Precision.HIGHEST
     alpha, beta = params["alpha"], params["beta"]
-    A = b["A0"].astype(alpha.dtype) + jnp.einsum(
-        "...k,...kir->...ir", alpha, b["A_basis"], precision=hi
-    )
-    B = jnp.einsum("...l,...lro->...ro", beta, b["B_basis"], precision=hi)
+    A = b["A0"].astype(alpha.dtype) + _mix(alpha, b["A_basis"])
+    B = _mix(beta, b["B_basis"])
     return A, None, B
 
 
