@@ -35,12 +35,16 @@ log = logging.getLogger("jlora")
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)
 def _accumulate(
     acc: dict[str, jax.Array],
-    kernels: dict[str, jax.Array],
     params: Any,
     batch: Any,
     *,
     loss_fn: Callable[[Any, Any], jax.Array],
 ) -> dict[str, jax.Array]:
+    # The target kernels are read out of `params` inside the step rather than passed as a second
+    # argument: XLA would count them twice in the step's memory (it cannot know they alias).
+    flat = targets.flatten(params)
+    kernels = {p: flat[p] for p in acc}
+
     def loss_of_kernels(k: dict[str, jax.Array]) -> jax.Array:
         return loss_fn(targets.replace(params, k), batch)
 
@@ -70,12 +74,10 @@ def gradient_stats(
       What `jlora.init(config, params, key, grads=...)` takes.
     """
     tgts = targets.select(params, config.targets, config.rank, config.alpha)
-    flat = targets.flatten(params)
-    kernels = {t.path: flat[t.path] for t in tgts}
-    acc = {p: jnp.zeros(k.shape, jnp.float32) for p, k in kernels.items()}
+    acc = {t.path: jnp.zeros(t.shape, jnp.float32) for t in tgts}
     n, start = 0, time.perf_counter()
     for batch in batches:
-        acc = _accumulate(acc, kernels, params, batch, loss_fn=loss_fn)
+        acc = _accumulate(acc, params, batch, loss_fn=loss_fn)
         n += 1
         if log_every and n % log_every == 0:
             log.info("gradient_stats: %d batches, %.1fs", n, time.perf_counter() - start)
