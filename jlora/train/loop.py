@@ -147,13 +147,15 @@ class Setup:
         batches = (jax.tree.map(jnp.asarray, b) for b in itertools.islice(iter(pre), n))
         return jlora.gradient_stats(plain, params, batches, self.acfg, log_every=max(n // 4, 1))
 
-    def assemble(self, trainable: Any) -> tuple[Any, Any]:
-        """`(params, adapters)` the model runs with, from the trainable state."""
+    def assemble(self, trainable: Any, frozen: Any = None) -> tuple[Any, Any]:
+        """`(params, adapters)` the model runs with, from the trainable state (and `frozen`, by
+        default `self.frozen`; jitted steps pass it as an argument)."""
+        frozen = self.frozen if frozen is None else frozen
         if "params" in trainable:
             dtype = jax.tree.leaves(self.original)[0].dtype
             return jax.tree.map(lambda x: x.astype(dtype), trainable["params"]), {}
-        params = {**self.frozen["base"], **trainable["head"]}
-        return params, jlora.combine(trainable["adapters"], self.frozen["adapters"])
+        params = {**frozen["base"], **trainable["head"]}
+        return params, jlora.combine(trainable["adapters"], frozen["adapters"])
 
     def optimizer(self) -> optax.GradientTransformation:
         t = self.cfg.train
@@ -183,8 +185,11 @@ def _step_fns(setup: Setup, tx: optax.GradientTransformation) -> tuple[Any, Any]
     dropout = float(cfg.adapter.get("dropout", 0.0) or 0.0) if not cfg.train.full_finetune else 0.0
     key = jax.random.key(cfg.train.seed)
 
-    def loss_of(trainable, batch, step):
-        params, adapters = setup.assemble(trainable)
+    # The frozen base is an argument of the jitted steps, not a closure: closed-over arrays
+    # become constants of the program, and the MiniLM LoRA step compiled 1.5x slower that way
+    # (6.4 s vs 4.2 s; same step time).
+    def loss_of(trainable, frozen, batch, step):
+        params, adapters = setup.assemble(trainable, frozen)
         rng = jax.random.fold_in(key, step) if dropout else None
         return setup.loss(params, adapters, batch, rng)
 
@@ -197,13 +202,13 @@ def _step_fns(setup: Setup, tx: optax.GradientTransformation) -> tuple[Any, Any]
         return {"trainable": trainable, "opt": opt, "step": state["step"] + 1}, metrics
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def fused(state, batch):
-        loss, grads = grad(state["trainable"], batch, state["step"])
+    def fused(state, frozen, batch):
+        loss, grads = grad(state["trainable"], frozen, batch, state["step"])
         return update(state, grads, loss)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
-    def accumulate(acc, state, batch, micro):
-        loss, grads = grad(state["trainable"], batch, state["step"] * 1000 + micro)
+    def accumulate(acc, state, frozen, batch, micro):
+        loss, grads = grad(state["trainable"], frozen, batch, state["step"] * 1000 + micro)
         return jax.tree.map(jnp.add, acc, (grads, loss))
 
     @functools.partial(jax.jit, donate_argnums=(0,))
@@ -293,7 +298,7 @@ def run(
         while step < t.steps:
             if t.grad_accum == 1:
                 batch = jax.tree.map(jnp.asarray, next(batches))
-                state, m = fused(state, batch)
+                state, m = fused(state, setup.frozen, batch)
             else:
                 acc = None
                 for micro in range(t.grad_accum):
@@ -301,7 +306,7 @@ def run(
                     if acc is None:
                         zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
                         acc = (zeros, jnp.zeros((), jnp.float32))
-                    acc = accumulate(acc, state, batch, micro)
+                    acc = accumulate(acc, state, setup.frozen, batch, micro)
                 state, m = apply(state, acc, t.grad_accum)
             step += 1
             window_examples += t.batch_size
