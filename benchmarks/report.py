@@ -105,6 +105,8 @@ def text(rows: list[dict[str, Any]]) -> str:
                         "first": common.fmt_s(r.get("first_call_s")),
                         "note": f"same SVD as r={r['shared_with_rank']}"
                         if "shared_with_rank" in r
+                        else "one call (compile included)"
+                        if r.get("calls") == 0
                         else "",
                         "x_full": _r(r.get("speedup_vs_pissa full SVD"), 0),
                         "x_r4": _r(r.get("speedup_vs_pissa rsvd niter 4"), 0),
