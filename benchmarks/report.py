@@ -273,7 +273,7 @@ def chart(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
         ax.axvline(1.15, color="r", lw=0.8, ls="--", label="1.15× target")
         ax.set_xlabel("step time / frozen-base floor")
         ax.invert_yaxis()
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
     if init:
         ax = axes[0][ax_i]
         ranks = sorted({r["rank"] for r in init})
