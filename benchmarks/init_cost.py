@@ -3,8 +3,9 @@
 Per matrix, each method is the user-visible call `jlora.init(config, {"w": {"kernel": K}}, key)`
 on a random fp32 K (Flax layout, d_in × d_out), results waited for. The first call compiles (a
 new shape or rank is a new program) and is reported separately; then the warm call is timed
-(the median of up to 5). A full SVD costs the same whatever r is kept, so at the two large shapes
-it is measured once (at the largest r) and that number stands for every r.
+(the median of up to 5; a first call over 10 s is the only one, compile included). A full SVD
+costs the same whatever r is kept, so at the two large shapes it is measured once (at the
+largest r) and that number stands for every r.
 
 The random-sketch Nyström init is also alternated with the two products it cannot avoid,
 `K @ Ω` and `Ψᵀ @ K`, to check it stays within 2× of them.

@@ -263,12 +263,10 @@ def run(
         "plain fwd+bwd": plain_grad_step(w),
     }
     meta: dict[str, dict[str, Any]] = {"floor": {}, "plain fwd+bwd": {}}
-    gora_cfg = None
     for v in variants(rank, nola_basis):
         cfg = adapter_config(w, v, rank)
         grads = None
         if v.method == "gora":
-            gora_cfg = cfg
             grads, prepass = gora_prepass(w, cfg, gora_batches)
             contenders["gora pre-pass (per micro-batch)"] = prepass
             meta["gora pre-pass (per micro-batch)"] = {}
@@ -314,5 +312,4 @@ def run(
                 "fp32_target_kernels": fn.kernel_bytes,
             }
         rows.append(row)
-    del gora_cfg
     return rows

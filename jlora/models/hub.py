@@ -113,7 +113,7 @@ def _tokenizer(folder: pathlib.Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def _build(hf_config: dict[str, Any], dtype: Any, num_labels: int | None) -> tuple[Any, Any]:
+def _build(hf_config: dict[str, Any], num_labels: int | None) -> tuple[Any, Any]:
     fam = family_of(hf_config.get("model_type", "llama"))
     if fam.__name__.endswith("bert.params"):
         cfg = fam.config_from_hf(hf_config, num_labels=num_labels)
@@ -129,7 +129,7 @@ def _build(hf_config: dict[str, Any], dtype: Any, num_labels: int | None) -> tup
 
 def _load_folder(folder: pathlib.Path, dtype: Any, num_labels: int | None, key: Any) -> tuple:
     hf_config = json.loads((folder / "config.json").read_text())
-    fam, cfg = _build(hf_config, dtype, num_labels)
+    fam, cfg = _build(hf_config, num_labels)
     with contextlib.ExitStack() as stack:
         names, read = _safetensors_reader(folder, stack)
         kwargs = {"key": key} if fam.__name__.endswith("bert.params") else {}
@@ -141,7 +141,7 @@ def _load_gguf(path: pathlib.Path, dtype: Any) -> tuple:
     from jlora.models import gguf
 
     ckpt = gguf.GGUFCheckpoint(path)
-    fam, cfg = _build(ckpt.config, dtype, None)
+    fam, cfg = _build(ckpt.config, None)
     params = fam.params_from_hf(cfg, ckpt.names(), ckpt.read, dtype)
     return fam.model_class(cfg, dtype), params, gguf.tokenizer(ckpt)
 
