@@ -23,6 +23,8 @@ import jax
 
 from benchmarks import common, init_cost, report, step_cost
 
+log = logging.getLogger("benchmarks")
+
 SECTIONS = ("init", "step", "peft")
 
 
@@ -32,6 +34,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/benchmarks", help="folder for results.json / results.png")
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
     p.add_argument("--rounds", type=int, default=None, help="alternated rounds per step timing")
+    p.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        help="back-to-back step calls per timed round (default: 1 on CPU, 10 on an accelerator)",
+    )
     p.add_argument("--rank", type=int, default=16, help="adapter rank of the step benchmarks")
     p.add_argument("--nola-basis", type=int, default=128, help="NOLA k = l of the step benchmarks")
     p.add_argument(
@@ -43,8 +51,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"--sections: unknown {bad}; expected a comma-separated subset of {list(SECTIONS)}")
     args.sections = sections
-    if args.rounds is not None and args.rounds < 1:
-        p.error(f"--rounds={args.rounds}: expected an integer >= 1")
+    for flag in ("rounds", "calls"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag}={value}: expected an integer >= 1")
     return args
 
 
@@ -83,9 +93,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 nola_basis=16 if q else args.nola_basis,
                 rounds=rounds if "MiniLM" in w.name else max(rounds - 2, 2),
                 gora_batches=2,
+                calls=args.calls or (1 if cpu else 10),
             ):
                 rows.append({"section": "step", **r})
-    if "peft" in args.sections:
+    if "peft" in args.sections and jax.default_backend() != "cpu":
+        log.warning(
+            "--sections peft compares CPU steps with PyTorch's: skipped on %s "
+            "(JAX_PLATFORMS=cpu python -m benchmarks --sections peft runs it on this host's CPU)",
+            jax.default_backend(),
+        )
+    elif "peft" in args.sections:
         from benchmarks import peft_cost
 
         rows += peft_cost.run(rounds=args.rounds or (2 if q else 5))

@@ -38,17 +38,25 @@ def block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def seconds(fn: Callable[[], Any]) -> float:
-    """Wall time of one call of `fn`, results waited for."""
+def seconds(fn: Callable[[], Any], calls: int = 1) -> float:
+    """Wall time per call of `calls` back-to-back calls of `fn`, the last result waited for.
+
+    One call (the CPU default) times the step alone; on an accelerator several calls let the
+    host dispatch the next step while the device runs this one, as a training loop does.
+    """
     t0 = time.perf_counter()
-    block(fn())
-    return time.perf_counter() - t0
+    out = None
+    for _ in range(calls):
+        out = fn()
+    block(out)
+    return (time.perf_counter() - t0) / calls
 
 
 def alternate(
-    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1
+    fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, calls: int = 1
 ) -> dict[str, list[float]]:
-    """`{name: [seconds per round]}`, running the contenders in turn, `warmup` untimed rounds first.
+    """`{name: [seconds per call, one per round]}`, running the contenders in turn (`calls`
+    back-to-back calls each, see `seconds`), `warmup` untimed rounds first.
 
     Example:
       >>> t = alternate({"a": lambda: 1, "b": lambda: 2}, rounds=3)
@@ -61,7 +69,7 @@ def alternate(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(seconds(fn))
+            times[name].append(seconds(fn, calls))
     return times
 
 

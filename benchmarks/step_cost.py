@@ -254,7 +254,7 @@ def gora_prepass(w: Workload, config: jlora.AdapterConfig, batches: int) -> tupl
 
 
 def run(
-    w: Workload, *, rank: int, nola_basis: int, rounds: int, gora_batches: int
+    w: Workload, *, rank: int, nola_basis: int, rounds: int, gora_batches: int, calls: int = 1
 ) -> list[dict[str, Any]]:
     """Rows for one workload: floor, plain forward+backward, each variant and GoRA's pre-pass."""
     log.info("step cost: %s", w.name)
@@ -286,7 +286,7 @@ def run(
         log.info("  compiled %s in %.1fs (%d programs)", name, compile_s[name], compiles[name])
     before = common.compilations()
     # One untimed round first: a step's first calls after compiling run slow (fresh buffers).
-    times = common.alternate(contenders, rounds=rounds, warmup=1)
+    times = common.alternate(contenders, rounds=rounds, warmup=1, calls=calls)
     recompiles = common.compilations() - before
     rows = []
     for name, fn in contenders.items():
@@ -297,6 +297,7 @@ def run(
             "variant": name,
             "median_s": t,
             "times_s": times[name],
+            "calls_per_round": calls,
             "vs_floor": common.paired_ratio(times[name], times["floor"]),
             "vs_lora": common.paired_ratio(times[name], times["lora"]),
             "compile_s": compile_s[name],

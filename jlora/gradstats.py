@@ -5,6 +5,13 @@ jitted step), gradients accumulate in one fp32 buffer per target that is donated
 and no optimizer step is taken. Peak memory: the parameters, one fp32 copy of the target kernels,
 one gradient and the activations of one micro-batch.
 
+The gradient of a kernel that a Flax `nn.Dense` multiplies (the usual case) is computed by a
+tap on that Dense's output, one 2-D `xᵀ @ g` matmul over flattened tokens, instead of autodiff
+through the Dense (which XLA-CPU runs with a transposed copy of every output gradient). A target
+kernel used any other way gets plain autodiff. A kernel that a Dense multiplies *and* some other
+code reads would get only the Dense's part of its gradient: pass such parameters as a separate,
+non-target leaf.
+
 Example:
   >>> import jax, jax.numpy as jnp, jlora
   >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
@@ -23,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +38,64 @@ from jlora import targets
 from jlora.config import AdapterConfig
 
 log = logging.getLogger("jlora")
+
+
+@jax.custom_vjp
+def _tap(y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
+    """Identity on `y = x @ K (+ b)`; the cotangent of `probe` (shaped like K) is `K`'s gradient."""
+    return y
+
+
+def _tap_fwd(y, x, probe):
+    return y, (x, probe)
+
+
+def _tap_bwd(res, g):
+    x, probe = res
+    # `xᵀ @ g` over flattened tokens as one 2-D matmul accumulated in fp32. Autodiff through the
+    # Dense contracts the 3-D tensors over (batch, seq) instead, and XLA-CPU then materialises a
+    # transposed copy of every layer's output gradient for it (see jlora.lowrank).
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
+    dk = jnp.matmul(x2.T, g2, preferred_element_type=jnp.float32).astype(probe.dtype)
+    return g, jnp.zeros_like(x), dk
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+def _tapping(probes: dict[str, jax.Array], tapped: set[str]) -> Any:
+    """An interceptor routing the kernel gradient of each targeted plain Dense through `_tap`."""
+    by_module = {}
+    for path in probes:
+        module_path = path.removesuffix("kernel").rstrip("/")
+        by_module[module_path] = path
+        if module_path == "params" or module_path.startswith("params/"):
+            by_module[module_path.removeprefix("params").lstrip("/")] = path
+
+    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        y = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not _plain_dense(module):
+            return y
+        path = by_module.get("/".join(module.path))
+        if path is None:
+            return y
+        tapped.add(path)
+        return _tap(y, args[0] if args else kwargs["inputs"], probes[path])
+
+    return interceptor
+
+
+def _plain_dense(module: nn.Module) -> bool:
+    """`nn.Dense`, or an `nn.DenseGeneral` that is a matmul over the last axis."""
+    if type(module) is nn.Dense:
+        return True
+    if type(module) is not nn.DenseGeneral or module.batch_dims:
+        return False
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    feats = module.features if isinstance(module.features, tuple) else (module.features,)
+    return axis == (-1,) and len(feats) == 1
 
 
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)
@@ -44,12 +110,20 @@ def _accumulate(
     # argument: XLA would count them twice in the step's memory (it cannot know they alias).
     flat = targets.flatten(params)
     kernels = {p: flat[p] for p in acc}
+    tapped: set[str] = set()
 
-    def loss_of_kernels(k: dict[str, jax.Array]) -> jax.Array:
-        return loss_fn(targets.replace(params, k), batch)
+    # Kernels that a targeted Flax Dense multiplies get their gradient from `_tap` (the
+    # accumulator doubles as the probe: only its shape and dtype matter); any other use of a
+    # target kernel (a hand-written matmul, a non-Flax model) gets it from plain autodiff. XLA
+    # drops the autodiff kernel gradients that are not returned.
+    def loss(k: dict[str, jax.Array], probes: dict[str, jax.Array]) -> jax.Array:
+        with nn.intercept_methods(_tapping(probes, tapped)):
+            return loss_fn(targets.replace(params, k), batch)
 
-    grads = jax.grad(loss_of_kernels)(kernels)
-    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+    dk, dprobe = jax.grad(loss, argnums=(0, 1))(kernels, acc)
+    return {
+        p: a + (dprobe[p] if p in tapped else dk[p]).astype(jnp.float32) for p, a in acc.items()
+    }
 
 
 def gradient_stats(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,3 +39,45 @@ def test_empty_batches_fail(tiny):
     _model, params, _ = tiny
     with pytest.raises(ValueError, match="empty"):
         jlora.gradient_stats(lambda p, b: 0.0, params, [], make_config("gora"))
+
+
+class _Mixed(nn.Module):
+    """A targeted Dense (tapped) and a kernel used by a hand-written matmul (autodiff)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(6, name="dense")(x))
+        raw = self.param("raw", nn.initializers.normal(0.5), (6, 5))
+        return (h @ raw).sum(-1)
+
+
+def test_tapped_dense_and_plain_matmul_kernels_match_autodiff():
+    model = _Mixed()
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    params = {"dense": params["dense"], "raw": {"kernel": params["raw"]}}
+
+    def loss_fn(p, xb):
+        ps = {"dense": p["dense"], "raw": p["raw"]["kernel"]}
+        return jnp.mean(model.apply({"params": ps}, xb) ** 2)
+
+    cfg = make_config("gora", targets=r".*kernel")
+    batches = [x, 2.0 * x[:, ::-1]]
+    got = jlora.gradient_stats(loss_fn, params, batches, cfg)
+    want = [targets.flatten(jax.grad(loss_fn)(params, b)) for b in batches]
+    assert set(got) == {"dense/kernel", "raw/kernel"}
+    for p, g in got.items():
+        assert rel_err(g, np.mean([w[p] for w in want], axis=0)) <= 1e-5
+
+    # Only the Flax Dense is tapped; the raw kernel's gradient comes from autodiff.
+    tapped: set[str] = set()
+    probes = {p: jnp.zeros_like(g) for p, g in got.items()}
+
+    def tapped_loss(pr):
+        with nn.intercept_methods(gradstats._tapping(pr, tapped)):
+            return loss_fn(params, x)
+
+    dprobe = jax.grad(tapped_loss)(probes)
+    assert tapped == {"dense/kernel"}
+    assert rel_err(dprobe["dense/kernel"], want[0]["dense/kernel"]) <= 1e-5
+    assert float(jnp.abs(dprobe["raw/kernel"]).max()) == 0.0
