@@ -6,6 +6,7 @@ Prints Markdown tables and the targets check, writes `results.json` and `results
   python -m benchmarks                      # everything (2 CPU cores: about 15 minutes)
   python -m benchmarks --smollm-layers 30   # the whole SmolLM2-135M depth on CPU too
   python -m benchmarks --sections step      # one section
+  python -m benchmarks --sections step --workloads minilm   # one workload of it
   python -m benchmarks --quick              # small shapes and few rounds (a smoke test)
 """
 
@@ -26,12 +27,18 @@ from benchmarks import common, init_cost, report, step_cost
 log = logging.getLogger("benchmarks")
 
 SECTIONS = ("init", "step", "peft")
+WORKLOADS = ("minilm", "smollm2")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: init,step,peft")
     p.add_argument("--out", default="runs/benchmarks", help="folder for results.json / results.png")
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="step section: comma-separated subset of minilm,smollm2",
+    )
     p.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test)")
     p.add_argument("--rounds", type=int, default=None, help="alternated rounds per step timing")
     p.add_argument(
@@ -51,6 +58,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"--sections: unknown {bad}; expected a comma-separated subset of {list(SECTIONS)}")
     args.sections = sections
+    workloads = [s.strip() for s in args.workloads.split(",") if s.strip()]
+    bad = [s for s in workloads if s not in WORKLOADS]
+    if bad or not workloads:
+        p.error(f"--workloads={args.workloads!r}: expected a comma-separated subset of {WORKLOADS}")
+    args.workloads = workloads
     for flag in ("rounds", "calls"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -78,14 +90,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     if "step" in args.sections:
         rounds = args.rounds or (2 if q else 5)
-        workloads = [step_cost.minilm(batch=8 if q else 32, seq=32 if q else 64)]
+        workloads = []
+        if "minilm" in args.workloads:
+            workloads.append(step_cost.minilm(batch=8 if q else 32, seq=32 if q else 64))
         # SmolLM2's 30 unrolled layers compile for ~25 s per step function on 2 CPU cores (NOLA
         # regenerating its bases: 140 s); the CPU default keeps 10 of them to stay in 15 minutes.
         cpu = jax.default_backend() == "cpu"
-        layers = args.smollm_layers or (2 if q else 10 if cpu else None)
-        workloads.append(
-            step_cost.smollm2_shaped(batch=2 if q else 4, seq=64 if q else 256, layers=layers)
-        )
+        if "smollm2" in args.workloads:
+            layers = args.smollm_layers or (2 if q else 10 if cpu else None)
+            workloads.append(
+                step_cost.smollm2_shaped(batch=2 if q else 4, seq=64 if q else 256, layers=layers)
+            )
         for w in workloads:
             for r in step_cost.run(
                 w,
@@ -95,7 +110,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 gora_batches=2,
                 calls=args.calls or (1 if cpu else 10),
             ):
-                rows.append({"section": "step", **r})
+                rows.append(r)
     if "peft" in args.sections and jax.default_backend() != "cpu":
         log.warning(
             "--sections peft compares CPU steps with PyTorch's: skipped on %s "
@@ -116,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    common.record_to(out / "rows.jsonl")  # every row as it is measured, in case the run stops
     rows = run(args)
     result = {
         "environment": common.environment(),

@@ -7,7 +7,9 @@ hits all of them alike. Times are medians over rounds.
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import platform
 import statistics
 import time
@@ -18,6 +20,23 @@ import jax
 import numpy as np
 
 _COMPILES = [0]
+_SINK: list[pathlib.Path | None] = [None]
+
+
+def record_to(path: pathlib.Path | None) -> None:
+    """Start (truncate) a JSON-lines file that `record` appends every finished row to, so a run
+    that is stopped or crashes keeps the rows it measured (`None`: stop recording)."""
+    if path is not None:
+        path.write_text("")
+    _SINK[0] = path
+
+
+def record(row: dict[str, Any]) -> dict[str, Any]:
+    """Appends `row` to the `record_to` file (if any) and returns it."""
+    if _SINK[0] is not None:
+        with _SINK[0].open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+    return row
 
 
 def _count_compile(event: str, duration: float, **kwargs: Any) -> None:

@@ -99,16 +99,16 @@ def per_matrix(shapes=SHAPES, ranks=RANKS, methods=tuple(METHODS), sketch_rounds
             for name in methods:
                 row = {"section": "init", "shape": f"{d_in}x{d_out}", "rank": rank, "method": name}
                 if name == "pissa full SVD" and big and full_svd is not None:
-                    rows.append({**row, **full_svd, "shared_with_rank": max(ranks)})
+                    rows.append(common.record({**row, **full_svd, "shared_with_rank": max(ranks)}))
                     continue
                 log.info("init %s r=%d %s", row["shape"], rank, name)
                 first, warm, n = _timed(_init_fn(name, rank, params, grads))
                 row.update(first_call_s=first, median_s=warm, calls=n)
                 if name == "pissa full SVD" and big:
                     full_svd = {"first_call_s": first, "median_s": warm, "calls": n}
-                rows.append(row)
+                rows.append(common.record(row))
             if "nlora random" in methods:
-                rows.append(_sketch_vs_products(K, params, rank, sketch_rounds))
+                rows.append(common.record(_sketch_vs_products(K, params, rank, sketch_rounds)))
     _add_speedups(rows)
     return rows
 
@@ -163,15 +163,17 @@ def whole_minilm(rank: int = 16, methods=tuple(METHODS)) -> list[dict[str, Any]]
         log.info("whole-model init MiniLM %s", name)
         first, warm, n = _timed(fn)
         rows.append(
-            {
-                "section": "init-model",
-                "model": "MiniLM-L6 all-linear (36 kernels)",
-                "rank": rank,
-                "method": name,
-                "first_call_s": first,
-                "median_s": warm,
-                "calls": n,
-            }
+            common.record(
+                {
+                    "section": "init-model",
+                    "model": "MiniLM-L6 all-linear (36 kernels)",
+                    "rank": rank,
+                    "method": name,
+                    "first_call_s": first,
+                    "median_s": warm,
+                    "calls": n,
+                }
+            )
         )
     return rows
 
@@ -230,30 +232,34 @@ def whole_llama7b(
                 total += dt
         per_layer = total / max(n - 1, 1)
         rows.append(
-            {
-                "section": "init-model",
-                "model": "Llama-2-7B-shaped stack (32 × 7 kernels)",
-                "rank": rank,
-                "method": name,
-                "first_layer_s": first,
-                "per_layer_s": per_layer,
-                "median_s": first + per_layer * (layers - 1),
-                "layers_measured": n,
-                "extrapolated": n < layers,
-            }
+            common.record(
+                {
+                    "section": "init-model",
+                    "model": "Llama-2-7B-shaped stack (32 × 7 kernels)",
+                    "rank": rank,
+                    "method": name,
+                    "first_layer_s": first,
+                    "per_layer_s": per_layer,
+                    "median_s": first + per_layer * (layers - 1),
+                    "layers_measured": n,
+                    "extrapolated": n < layers,
+                }
+            )
         )
     if per_matrix_rows:
         est = _estimate_full_svd(per_matrix_rows, layers)
         if est is not None:
             rows.append(
-                {
-                    "section": "init-model",
-                    "model": "Llama-2-7B-shaped stack (32 × 7 kernels)",
-                    "rank": rank,
-                    "method": "pissa full SVD",
-                    "median_s": est,
-                    "estimated_from_per_matrix": True,
-                }
+                common.record(
+                    {
+                        "section": "init-model",
+                        "model": "Llama-2-7B-shaped stack (32 × 7 kernels)",
+                        "rank": rank,
+                        "method": "pissa full SVD",
+                        "median_s": est,
+                        "estimated_from_per_matrix": True,
+                    }
+                )
             )
     return rows
 

@@ -257,7 +257,7 @@ def pair_rows(
         }
         if name == "jlora":
             row["jlora_vs_peft"] = common.paired_ratio(times["jlora"], times["peft"])
-        rows.append(row)
+        rows.append(common.record(row))
     return rows
 
 

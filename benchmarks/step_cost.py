@@ -312,5 +312,5 @@ def run(
                 "params": common.nbytes(w.params),
                 "fp32_target_kernels": fn.kernel_bytes,
             }
-        rows.append(row)
+        rows.append(common.record({"section": "step", **row}))
     return rows

@@ -26,6 +26,26 @@ def test_alternate_runs_every_contender_each_round():
     assert all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
+def test_alternate_calls_back_to_back_and_reports_per_call():
+    calls = []
+    times = common.alternate({"a": lambda: calls.append("a")}, rounds=2, warmup=0, calls=5)
+    assert calls == ["a"] * 10 and len(times["a"]) == 2
+
+
+def test_record_appends_each_row_as_it_is_made(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("stale\n")
+    common.record_to(path)
+    try:
+        assert path.read_text() == ""  # a new run starts the file afresh
+        rows = init_cost.per_matrix(shapes=((16, 24),), ranks=(2,), methods=("lora", "nlora"))
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+    finally:
+        common.record_to(None)
+    assert [r["method"] for r in lines] == [r["method"] for r in rows]
+    assert common.record({"x": 1}) == {"x": 1} and len(path.read_text().splitlines()) == 2
+
+
 def test_xla_memory_counts_donated_buffers_once():
     x = jnp.ones((256, 256))
     donated = jax.jit(lambda a: a + 1, donate_argnums=0)
@@ -98,6 +118,11 @@ def test_cli_rejects_unknown_sections(capsys):
     with pytest.raises(SystemExit):
         cli._parse(["--sections", "init,bogus"])
     assert "bogus" in capsys.readouterr().err
+    for argv, flag in ((["--workloads", "minilm,gpt"], "gpt"), (["--calls", "0"], "--calls=0")):
+        with pytest.raises(SystemExit):
+            cli._parse(argv)
+        assert flag in capsys.readouterr().err
+    assert cli._parse(["--workloads", "smollm2"]).workloads == ["smollm2"]
 
 
 def test_cli_writes_json(tmp_path, monkeypatch):
@@ -111,6 +136,7 @@ def test_cli_writes_json(tmp_path, monkeypatch):
     assert cli.main(["--out", str(tmp_path), "--sections", "init"]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["rows"][0]["method"] == "nlora" and "environment" in data
+    assert (tmp_path / "rows.jsonl").exists()
 
 
 def test_whole_minilm_init_rows():
