@@ -81,8 +81,11 @@ def _tapping(probes: dict[str, jax.Array], tapped: set[str]) -> Any:
         path = by_module.get("/".join(module.path))
         if path is None:
             return y
+        x = args[0] if args else kwargs["inputs"]
+        if probes[path].shape != (x.shape[-1], y.shape[-1]):
+            return y  # a stacked kernel (nn.scan layers): this call sees one slice of it
         tapped.add(path)
-        return _tap(y, args[0] if args else kwargs["inputs"], probes[path])
+        return _tap(y, x, probes[path])
 
     return interceptor
 

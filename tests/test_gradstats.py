@@ -81,3 +81,32 @@ def test_tapped_dense_and_plain_matmul_kernels_match_autodiff():
     assert tapped == {"dense/kernel"}
     assert rel_err(dprobe["dense/kernel"], want[0]["dense/kernel"]) <= 1e-5
     assert float(jnp.abs(dprobe["raw/kernel"]).max()) == 0.0
+
+
+class _ScanBody(nn.Module):
+    """Two Dense layers stacked by nn.scan: one (2, 4, 4) target kernel, sliced per layer."""
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return scan(name="stack")(x, None)[0]
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        return jnp.tanh(nn.Dense(4, name="dense")(c)), None
+
+
+def test_stacked_kernels_fall_back_to_autodiff():
+    model = _ScanBody()
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    assert params["stack"]["dense"]["kernel"].shape == (2, 4, 4)
+
+    def loss_fn(p, xb):
+        return jnp.sum(model.apply({"params": p}, xb) ** 2)
+
+    got = jlora.gradient_stats(loss_fn, params, [x], make_config("gora", targets=r".*kernel"))
+    want = targets.flatten(jax.grad(loss_fn)(params, x))
+    assert rel_err(got["stack/dense/kernel"], want["stack/dense/kernel"]) <= 1e-5
