@@ -8,9 +8,9 @@ one gradient and the activations of one micro-batch.
 The gradient of a kernel that a Flax `nn.Dense` multiplies (the usual case) is computed by a
 tap on that Dense's output, one 2-D `xᵀ @ g` matmul over flattened tokens, instead of autodiff
 through the Dense (which XLA-CPU runs with a transposed copy of every output gradient). A target
-kernel used any other way gets plain autodiff. A kernel that a Dense multiplies *and* some other
-code reads would get only the Dense's part of its gradient: pass such parameters as a separate,
-non-target leaf.
+kernel used any other way, or stacked by `nn.scan`, gets plain autodiff. A kernel that a Dense
+multiplies *and* some other code reads would get only the Dense's part of its gradient: pass
+such parameters as a separate, non-target leaf.
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora
