@@ -91,10 +91,15 @@ def _tapping(probes: dict[str, jax.Array], tapped: set[str]) -> Any:
 
 
 def _plain_dense(module: nn.Module) -> bool:
-    """`nn.Dense`, or an `nn.DenseGeneral` that is a matmul over the last axis."""
+    """`nn.Dense`, or an `nn.DenseGeneral` that is a matmul over the last axis, with the default
+    dot product (a custom `dot_general`, e.g. a quantized one, keeps autodiff)."""
+    if type(module) not in (nn.Dense, nn.DenseGeneral):
+        return False
+    if module.dot_general is not None or module.dot_general_cls is not None:
+        return False
     if type(module) is nn.Dense:
         return True
-    if type(module) is not nn.DenseGeneral or module.batch_dims:
+    if module.batch_dims:
         return False
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
     feats = module.features if isinstance(module.features, tuple) else (module.features,)

@@ -110,3 +110,22 @@ def test_stacked_kernels_fall_back_to_autodiff():
     got = jlora.gradient_stats(loss_fn, params, [x], make_config("gora", targets=r".*kernel"))
     want = targets.flatten(jax.grad(loss_fn)(params, x))
     assert rel_err(got["stack/dense/kernel"], want["stack/dense/kernel"]) <= 1e-5
+
+
+def _doubled_dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    return 2.0 * jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
+
+
+def test_dense_with_custom_dot_general_keeps_autodiff():
+    # A Dense whose product is not `x @ K` (here 2·x@K, as a stand-in for a quantized dot) must
+    # not be tapped: the tap would return xᵀg, half the true gradient.
+    model = nn.Dense(3, dot_general=_doubled_dot)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(p, xb):
+        return jnp.sum(jnp.tanh(model.apply({"params": p}, xb)))
+
+    got = jlora.gradient_stats(loss_fn, params, [x], make_config("gora", rank=2))
+    want = jax.grad(loss_fn)(params, x)["kernel"]
+    assert rel_err(got["kernel"], want) <= 1e-5
