@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jlora import targets
 from jlora.config import AdapterConfig
+from jlora.inject import last_axis_matmul
 
 log = logging.getLogger("jlora")
 
@@ -66,12 +67,7 @@ _tap.defvjp(_tap_fwd, _tap_bwd)
 
 def _tapping(probes: dict[str, jax.Array], tapped: set[str]) -> Any:
     """An interceptor routing the kernel gradient of each targeted plain Dense through `_tap`."""
-    by_module = {}
-    for path in probes:
-        module_path = path.removesuffix("kernel").rstrip("/")
-        by_module[module_path] = path
-        if module_path == "params" or module_path.startswith("params/"):
-            by_module[module_path.removeprefix("params").lstrip("/")] = path
+    by_module = targets.module_index(probes)
 
     def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
@@ -97,13 +93,7 @@ def _plain_dense(module: nn.Module) -> bool:
         return False
     if module.dot_general is not None or module.dot_general_cls is not None:
         return False
-    if type(module) is nn.Dense:
-        return True
-    if module.batch_dims:
-        return False
-    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-    feats = module.features if isinstance(module.features, tuple) else (module.features,)
-    return axis == (-1,) and len(feats) == 1
+    return last_axis_matmul(module)
 
 
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)

@@ -54,6 +54,16 @@ def factored_delta(x: jax.Array, adapter: Adapter, dtype: Any, key: jax.Array | 
     return lowrank(x.astype(dtype), A.astype(dtype), M, B.astype(dtype), spec.scale)
 
 
+def last_axis_matmul(module: nn.Dense | nn.DenseGeneral) -> bool:
+    """Whether the module's kernel is a (d_in, d_out) matmul over its input's last axis (every
+    `nn.Dense`; an `nn.DenseGeneral` with one input axis, -1, one feature axis, no batch dims)."""
+    if not isinstance(module, nn.DenseGeneral):
+        return True
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    feats = module.features if isinstance(module.features, tuple) else (module.features,)
+    return axis == (-1,) and len(feats) == 1 and not module.batch_dims
+
+
 def _check_module(module: nn.Module, path: str, adapter: Adapter) -> None:
     spec = adapter.spec
     if spec.stack:
@@ -62,15 +72,12 @@ def _check_module(module: nn.Module, path: str, adapter: Adapter) -> None:
             "the factored path handles 2-D kernels only. Use the merged path: "
             "model.apply({'params': jlora.merge(base, adapters)}, ...)"
         )
-    if isinstance(module, nn.DenseGeneral):
-        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        feats = module.features if isinstance(module.features, tuple) else (module.features,)
-        if len(axis) != 1 or len(feats) != 1 or axis[0] not in (-1,) or module.batch_dims:
-            raise ValueError(
-                f"jlora.inject: nn.DenseGeneral at {path!r} (axis={module.axis}, "
-                f"features={module.features}, batch_dims={module.batch_dims}) is not a plain "
-                "matmul over the last axis; use the merged path (jlora.merge)"
-            )
+    if not last_axis_matmul(module):
+        raise ValueError(
+            f"jlora.inject: nn.DenseGeneral at {path!r} (axis={module.axis}, "
+            f"features={module.features}, batch_dims={module.batch_dims}) is not a plain "
+            "matmul over the last axis; use the merged path (jlora.merge)"
+        )
 
 
 @contextlib.contextmanager
@@ -85,12 +92,7 @@ def inject(adapters: Adapters, *, rng: jax.Array | None = None) -> Iterator[None
     Warns if no targeted module ran inside the context (wrong paths, or a jitted function traced
     before the context was entered).
     """
-    by_module: dict[str, tuple[str, Adapter]] = {}
-    for path, adapter in adapters.items():
-        module_path = path.removesuffix("kernel").rstrip("/")
-        by_module[module_path] = (path, adapter)
-        if module_path == "params" or module_path.startswith("params/"):
-            by_module[module_path.removeprefix("params").lstrip("/")] = (path, adapter)
+    by_module = {m: (p, adapters[p]) for m, p in targets.module_index(adapters).items()}
     used: set[str] = set()
 
     def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:

@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,6 +57,24 @@ def replace(tree: Any, updates: Mapping[str, Any]) -> Any:
         raise KeyError(f"paths not found in the parameter pytree: {sorted(missing)}")
     new = [updates.get(p, v) for p, (_, v) in zip(paths, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def module_index(kernel_paths: Iterable[str]) -> dict[str, str]:
+    """`{module path: kernel path}`: the Linen module whose `module.path` joined by '/' owns each
+    kernel. A path made from a whole variables dict ("params/enc/q/kernel") is indexed both with
+    and without its "params" collection prefix.
+
+    Example:
+      >>> module_index(["params/enc/q/kernel"])
+      {'params/enc/q': 'params/enc/q/kernel', 'enc/q': 'params/enc/q/kernel'}
+    """
+    index = {}
+    for path in kernel_paths:
+        module_path = path.removesuffix("kernel").rstrip("/")
+        index[module_path] = path
+        if module_path == "params" or module_path.startswith("params/"):
+            index[module_path.removeprefix("params").lstrip("/")] = path
+    return index
 
 
 def stable_hash(path: str) -> int:
