@@ -1,8 +1,11 @@
 """`AdapterConfig` and `Rule`: what to adapt and how, validated at construction.
 
 Both are frozen, keyword-only and hashable, so a config can be a static argument of `jax.jit`.
-Every invalid value fails in `__post_init__` with a `ValueError` that names the field, the value
-and what is allowed.
+Every invalid value fails in `__post_init__` with a `jlora.errors.ConfigError` (a `ValueError`)
+whose one-line message names the field, the value and what is allowed; numbers must be finite
+and of the right type (a bool is not an integer, a string is not a number), integers must fit
+their use (sizes in int32, the seed in int64), and float fields are stored as `float`. An
+unknown keyword is a `TypeError` from Python, as for any function.
 
 Example:
   >>> import jlora
@@ -16,22 +19,69 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from jlora.errors import ConfigError
 
 METHODS = ("lora", "pissa", "slora", "nlora", "inttune", "nola", "gora")
 
+# Largest size (rank, number of bases, power iterations): shapes and loop counts are int32.
+MAX_SIZE = 2**31 - 1
+# Range of `seed`: `jax.random.key` takes a signed 64-bit integer.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+# Longest value representation a message shows before it is cut with "...".
+_MAX_SHOWN = 200
 
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"AdapterConfig.{field}={value!r} is invalid: expected {allowed}")
+
+def _one_line(text: str) -> str:
+    """`text` with every line break or other unprintable character backslash-escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _show(value: Any) -> str:
+    """`repr(value)` on one line and at most `_MAX_SHOWN` characters, whatever the value."""
+    try:
+        text = _one_line(repr(value))
+    except Exception:  # e.g. an int over Python's 4300-digit str limit
+        text = f"<unprintable {type(value).__name__}>"
+    if len(text) > _MAX_SHOWN:
+        text = text[: _MAX_SHOWN - 3] + "..."
+    return text
+
+
+def _fail(field: str, value: Any, allowed: str) -> NoReturn:
+    raise ConfigError(f"AdapterConfig.{field}={_show(value)} is invalid: expected {allowed}")
+
+
+def _is_int(v: Any, lo: int = 0, hi: int = MAX_SIZE) -> bool:
+    """True for an `int` (not a bool) in [lo, hi]."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """True for a finite `int` or `float` (not a bool); an int beyond float range is not."""
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _is_text(v: Any, allowed: tuple[str, ...]) -> bool:
+    """True for a `str` that is one of `allowed` (no other type is compared)."""
+    return isinstance(v, str) and v in allowed
+
+
+def _is_pair(v: Any) -> bool:
+    """True for a sequence (not a string or bytes) of two sizes (ints in [1, MAX_SIZE])."""
+    return _is_sequence(v) and len(v) == 2 and all(_is_int(x, 1) for x in v)
+
+
+def _is_sequence(v: Any) -> bool:
+    """True for a tuple, list or other `Sequence` that is not text or bytes."""
+    return isinstance(v, Sequence) and not isinstance(v, str | bytes | bytearray)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,11 +103,17 @@ class Rule:
         try:
             re.compile(self.pattern)
         except re.error as e:
+            _fail("targets", self.pattern, f"a valid regular expression ({_one_line(str(e))})")
+        except OverflowError as e:  # a repetition count over the engine's limit
             _fail("targets", self.pattern, f"a valid regular expression ({e})")
-        if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
-            _fail("targets[].rank", self.rank, "an integer >= 1 or None")
-        if self.alpha is not None and (not _is_number(self.alpha) or self.alpha <= 0):
-            _fail("targets[].alpha", self.alpha, "a finite number > 0 or None")
+        except RecursionError:
+            _fail("targets", self.pattern, "a valid regular expression (too deeply nested)")
+        if self.rank is not None and not _is_int(self.rank, 1):
+            _fail("targets[].rank", self.rank, f"an integer >= 1 (at most {MAX_SIZE}) or None")
+        if self.alpha is not None:
+            if not _is_number(self.alpha) or self.alpha <= 0:
+                _fail("targets[].alpha", self.alpha, "a finite number > 0 or None")
+            object.__setattr__(self, "alpha", float(self.alpha))
 
 
 def _is_rule_tuple(item: Any) -> bool:
@@ -78,7 +134,6 @@ def _as_rule(item: Any) -> Rule:
     if _is_rule_tuple(item):
         return Rule(**dict(zip(("pattern", "rank", "alpha"), item, strict=False)))
     _fail("targets", item, "a regex string, a Rule, or a tuple (regex, rank, alpha)")
-    raise AssertionError  # unreachable
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,31 +182,33 @@ class AdapterConfig:
     gora_lr_ratio: float = 16.0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if not _is_text(self.method, METHODS):
             _fail("method", self.method, f"one of {', '.join(METHODS)}")
-        if not _is_int(self.rank) or self.rank < 1:
-            _fail("rank", self.rank, "an integer >= 1")
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            _fail("alpha", self.alpha, "a finite number > 0")
+        if not _is_int(self.rank, 1):
+            _fail("rank", self.rank, f"an integer >= 1 (at most {MAX_SIZE})")
+        self._float("alpha", lambda v: v > 0, "a finite number > 0")
         targets = self.targets
         if isinstance(targets, str | Rule) or _is_rule_tuple(targets):
             targets = (targets,)
-        if not isinstance(targets, Sequence) or not targets:
+        if not _is_sequence(targets) or not targets:
             _fail("targets", self.targets, "a regex string or a non-empty sequence of rules")
         object.__setattr__(self, "targets", tuple(_as_rule(t) for t in targets))
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", self.dropout, "a number in [0, 1)")
+        self._float("dropout", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
         if not isinstance(self.rslora, bool):
             _fail("rslora", self.rslora, "True or False")
-        if not _is_int(self.seed):
-            _fail("seed", self.seed, "an integer")
-        if self.lora_init not in ("kaiming", "gaussian"):
+        if not _is_int(self.seed, *SEED_RANGE):
+            _fail("seed", self.seed, "an integer in [-2**63, 2**63 - 1]")
+        if not _is_text(self.lora_init, ("kaiming", "gaussian")):
             _fail("lora_init", self.lora_init, "'kaiming' or 'gaussian'")
-        if self.pissa_niter is not None and (not _is_int(self.pissa_niter) or self.pissa_niter < 0):
-            _fail("pissa_niter", self.pissa_niter, "None (full SVD) or an integer >= 0")
-        if self.nlora_core not in ("raw", "pinv"):
+        if self.pissa_niter is not None and not _is_int(self.pissa_niter):
+            _fail(
+                "pissa_niter",
+                self.pissa_niter,
+                f"None (full SVD) or an integer >= 0 (at most {MAX_SIZE})",
+            )
+        if not _is_text(self.nlora_core, ("raw", "pinv")):
             _fail("nlora_core", self.nlora_core, "'raw' or 'pinv'")
-        if self.nlora_sampling not in ("first", "random"):
+        if not _is_text(self.nlora_sampling, ("first", "random")):
             _fail("nlora_sampling", self.nlora_sampling, "'first' or 'random'")
         if self.nlora_sampling == "random" and self.nlora_core != "pinv":
             _fail(
@@ -159,31 +216,33 @@ class AdapterConfig:
                 self.nlora_core,
                 "'pinv' when nlora_sampling='random' (a sketched core needs its pseudo-inverse)",
             )
-        if not _is_number(self.nlora_rcond) or not 0.0 <= self.nlora_rcond < 1.0:
-            _fail("nlora_rcond", self.nlora_rcond, "a number in [0, 1)")
-        nb = self.nola_num_basis
-        if not (
-            isinstance(nb, Sequence) and len(nb) == 2 and all(_is_int(v) and v >= 1 for v in nb)
-        ):
-            _fail("nola_num_basis", nb, "a pair (k, l) of integers >= 1")
-        object.__setattr__(self, "nola_num_basis", tuple(nb))
-        if self.nola_basis not in ("regenerate", "cache"):
+        self._float("nlora_rcond", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+        if not _is_pair(self.nola_num_basis):
+            _fail(
+                "nola_num_basis",
+                self.nola_num_basis,
+                f"a pair (k, l) of integers >= 1 (at most {MAX_SIZE})",
+            )
+        object.__setattr__(self, "nola_num_basis", tuple(self.nola_num_basis))
+        if not _is_text(self.nola_basis, ("regenerate", "cache")):
             _fail("nola_basis", self.nola_basis, "'regenerate' or 'cache'")
         rr = self.gora_rank_range
-        if not (
-            isinstance(rr, Sequence)
-            and len(rr) == 2
-            and all(_is_int(v) for v in rr)
-            and 1 <= rr[0] <= rr[1]
-        ):
+        if not (_is_pair(rr) and rr[0] <= rr[1]):
             _fail(
-                "gora_rank_range", rr, "a pair (r_min, r_max) of integers with 1 <= r_min <= r_max"
+                "gora_rank_range",
+                rr,
+                f"a pair (r_min, r_max) of integers with 1 <= r_min <= r_max <= {MAX_SIZE}",
             )
         object.__setattr__(self, "gora_rank_range", tuple(rr))
-        if not _is_number(self.gora_gamma) or self.gora_gamma < 0:
-            _fail("gora_gamma", self.gora_gamma, "a finite number >= 0")
-        if not _is_number(self.gora_lr_ratio) or self.gora_lr_ratio <= 0:
-            _fail("gora_lr_ratio", self.gora_lr_ratio, "a finite number > 0")
+        self._float("gora_gamma", lambda v: v >= 0, "a finite number >= 0")
+        self._float("gora_lr_ratio", lambda v: v > 0, "a finite number > 0")
+
+    def _float(self, field: str, ok: Callable[[float], bool], allowed: str) -> None:
+        """Checks that `field` is a finite int or float with `ok(value)`; stores it as `float`."""
+        value = getattr(self, field)
+        if not _is_number(value) or not ok(float(value)):
+            _fail(field, value, allowed)
+        object.__setattr__(self, field, float(value))
 
     def scale(self, rank: int, alpha: float) -> float:
         """The adapter scale s for a target of this rank and alpha."""
