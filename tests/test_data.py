@@ -10,6 +10,7 @@ import pytest
 
 import jlora.data as jd
 from jlora.data import sources
+from jlora.errors import DataError
 from jlora.models.llama2c import Llama2cTokenizer
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -87,6 +88,29 @@ def test_load_rows_files(tmp_path):
     assert jd.load_rows(tmp_path, "train") == [{"q": 1}, {"q": 2}]
 
 
+def test_load_table_knows_each_rows_line(tmp_path):
+    (tmp_path / "a.csv").write_text('text,label\n\n"two\nlines",1\nthree,0\n')
+    table = jd.load_table(tmp_path / "a.csv", "x")
+    assert table.rows == [{"text": "two\nlines", "label": 1}, {"text": "three", "label": 0}]
+    assert table.lines == [3, 5] and table.where(1) == f"{tmp_path / 'a.csv'} line 5"
+    (tmp_path / "b.jsonl").write_text('\n{"q": "a\u2028b"}\n\n{"q": 2}\n')  # U+2028 kept whole
+    table = jd.load_table(tmp_path / "b.jsonl", "x")
+    assert table.lines == [2, 4] and table.rows[0] == {"q": "a\u2028b"}
+    assert table.head(1).lines == [2] and len(table.head(None)) == 2
+    (tmp_path / "c.json").write_text(json.dumps([{"q": 1}, {"q": 2}]))
+    assert jd.load_table(tmp_path / "c.json", "x").where(1) == f"{tmp_path / 'c.json'} row 2"
+
+
+@pytest.mark.parametrize(
+    ("source", "local"),
+    [("data/sst3", True), ("./x", True), ("x.jsonl", True), ("a/b/c", True), ("~/x", True),
+     ("glue/sst2", False), ("openai/gsm8k:main", False), ("gsm8k", False)],
+)  # fmt: skip
+def test_is_local(source, local, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sources.is_local(source) is local
+
+
 def test_load_rows_shipped_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(jd.load_rows("data/gsm8k", "test")) == 200
@@ -95,14 +119,14 @@ def test_load_rows_shipped_from_any_directory(tmp_path, monkeypatch):
 
 def test_load_rows_errors(tmp_path):
     (tmp_path / "train.jsonl").write_text("{}\n")
-    with pytest.raises(FileNotFoundError, match=r"split 'test'.*\['train\.jsonl'\]"):
+    with pytest.raises(DataError, match=r"split 'test'.*test\.tsv.*holds train\.jsonl$"):
         jd.load_rows(tmp_path, "test")
-    with pytest.raises(FileNotFoundError, match=r"no_such\.tsv.*data/sst2.*data/gsm8k"):
+    with pytest.raises(DataError, match=r"no_such\.tsv.*data/sst2.*data/gsm8k"):
         jd.load_rows("./no_such.tsv", "train")
     (tmp_path / "x.parquet").write_text("")
-    with pytest.raises(ValueError, match=r"x\.parquet.*'\.parquet'.*\.tsv"):
+    with pytest.raises(DataError, match=r"x\.parquet.*'\.parquet'.*\.tsv"):
         jd.load_rows(tmp_path / "x.parquet", "train")
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(DataError, match="split"):
         jd.load_rows(tmp_path, "")
 
 
@@ -119,7 +143,7 @@ def test_load_rows_hub(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     assert jd.load_rows("glue/sst2", "dev") == [{"sentence": "ok", "label": 1}]
-    with pytest.raises(ConnectionError, match=r"openai/gsm8k.*data/sst2.*data/gsm8k") as e:
+    with pytest.raises(DataError, match=r"openai/gsm8k.*data/sst2.*data/gsm8k") as e:
         jd.load_rows("openai/gsm8k", "test")
     assert "'main'" in str(e.value)
     jd.load_rows("owner/name:cfg", "train")

@@ -2,6 +2,9 @@
 
 - `load_rows(source, split)`: rows (dicts) of a local .tsv/.csv/.jsonl/.json file or folder, or
   a Hub data set (`glue/sst2`, `openai/gsm8k`); `DATA_DIR` holds the shipped samples;
+  `load_table` gives them as a `Table` that knows each row's file and line;
+- `checks`: rows against what a task reads (columns, labels, GSM8K final answers); problems
+  with the data are `jlora.errors.DataError`s naming the file and line;
 - `encode_classification`, `encode_sft`, `encode_prompts`: rows to token arrays;
 - `extract_answer`, `exact_match`: GSM8K final-answer scoring;
 - `Batcher`: length-bucketed, fixed-shape numpy batches with resumable shuffling;
@@ -18,17 +21,19 @@ Example:
   (['attention_mask', 'index', 'input_ids', 'label', 'weight'], 4)
 """
 
-from jlora.data import tasks
+from jlora.data import checks, tasks
 from jlora.data.batching import Batcher
 from jlora.data.collate import bucket_length, collate, next_token_targets
 from jlora.data.gsm8k import exact_match, extract_answer, normalize_number
-from jlora.data.sources import DATA_DIR, load_rows
+from jlora.data.sources import DATA_DIR, Table, load_rows, load_table
 from jlora.data.tasks import encode_classification, encode_prompts, encode_sft
 
 __all__ = [
     "DATA_DIR",
     "Batcher",
+    "Table",
     "bucket_length",
+    "checks",
     "collate",
     "encode_classification",
     "encode_prompts",
@@ -36,6 +41,7 @@ __all__ = [
     "exact_match",
     "extract_answer",
     "load_rows",
+    "load_table",
     "next_token_targets",
     "normalize_number",
     "tasks",

@@ -20,6 +20,9 @@ torch (transformers' own `gguf_file=` path imports torch). Only byte-level BPE v
 (`tokenizer.ggml.model == "gpt2"`) are supported, not sentencepiece ones; the pre-tokenizer is
 picked by `tokenizer.ggml.pre` (checked against SmolLM2; Llama 3's regex is untested here).
 
+A missing, truncated or corrupt file, another architecture, a missing `llama.*` field or a
+sentencepiece vocabulary is a `jlora.errors.ModelFileError` naming the file.
+
 Example:
   >>> import numpy as np
   >>> w = np.arange(8.0).reshape(8, 1)  # one head of width 8, rows in llama.cpp's order
@@ -39,6 +42,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from jlora.errors import ModelFileError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -94,13 +99,11 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from gguf import GGUFReader  # optional dependency: imported only when used
-
         self.path = os.fspath(path)
-        self._reader = GGUFReader(self.path, "r")
+        self._reader = self._open()
         arch = self.field("general.architecture")
         if arch != "llama":
-            raise ValueError(
+            raise ModelFileError(
                 f"{self.path}: GGUF architecture {arch!r} is not supported (only 'llama')"
             )
         self._tensors: dict[str, Any] = {}  # Hugging Face name -> gguf ReaderTensor
@@ -113,6 +116,22 @@ class GGUFCheckpoint:
         self.config = self._make_config()
         types = sorted({t.tensor_type.name for t in self._reader.tensors})
         logger.info("%s: %d tensors (%s)", self.path, len(self._tensors), ", ".join(types))
+
+    def _open(self) -> Any:
+        """The file's `gguf.GGUFReader`; a missing, truncated or corrupt file is a
+        `ModelFileError`."""
+        from gguf import GGUFReader  # optional dependency: imported only when used
+
+        if not os.path.isfile(self.path):
+            raise ModelFileError(f"{self.path}: no such file")
+        try:
+            return GGUFReader(self.path, "r")
+        except Exception as e:  # bad magic or version, truncated tensor data: all end up here
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            raise ModelFileError(
+                f"{self.path}: not a readable GGUF file ({reason}); it may be truncated or "
+                "corrupt: download it again"
+            ) from None
 
     def field(self, key: str, default: Any = None) -> Any:
         """The value of a GGUF metadata field (str, number, bool or list), or `default`."""
@@ -128,10 +147,18 @@ class GGUFCheckpoint:
         stem, _, suffix = gguf_name.rpartition(".")
         return f"{_GLOBAL_NAMES[stem]}.{suffix}" if stem in _GLOBAL_NAMES else None
 
+    def _required(self, key: str) -> int:
+        """The int value of a metadata field the config needs; a missing one names it."""
+        value = self.field(key)
+        if not isinstance(value, int | np.integer) or isinstance(value, bool):
+            raise ModelFileError(f"{self.path}: GGUF field {key}={value!r}; expected an integer")
+        return int(value)
+
     def _make_config(self) -> dict[str, Any]:
         a = lambda key, default=None: self.field(f"llama.{key}", default)  # noqa: E731
-        n_head = int(a("attention.head_count"))
-        hidden = int(a("embedding_length"))
+        need = lambda key: self._required(f"llama.{key}")  # noqa: E731
+        n_head = need("attention.head_count")
+        hidden = need("embedding_length")
         vocab = a("vocab_size") or len(self.field("tokenizer.ggml.tokens", []))
         # GGUF stores floats as float32: go through float32's shortest repr (1e-05, not 9.99e-06).
         f32 = lambda x: float(str(np.float32(x)))  # noqa: E731
@@ -140,8 +167,8 @@ class GGUFCheckpoint:
             "architectures": ["LlamaForCausalLM"],
             "vocab_size": int(vocab),
             "hidden_size": hidden,
-            "intermediate_size": int(a("feed_forward_length")),
-            "num_hidden_layers": int(a("block_count")),
+            "intermediate_size": need("feed_forward_length"),
+            "num_hidden_layers": need("block_count"),
             "num_attention_heads": n_head,
             "num_key_value_heads": int(a("attention.head_count_kv", n_head)),
             "head_dim": int(a("attention.key_length", hidden // n_head)),
@@ -218,7 +245,10 @@ def tokenizer(ckpt: GGUFCheckpoint | str | os.PathLike) -> PreTrainedTokenizerFa
         ckpt = GGUFCheckpoint(ckpt)
     f = lambda key, default=None: ckpt.field(f"tokenizer.ggml.{key}", default)  # noqa: E731
     if (kind := f("model")) != "gpt2":
-        raise NotImplementedError(f"{ckpt.path}: tokenizer.ggml.model={kind!r}; only 'gpt2' BPE")
+        raise ModelFileError(
+            f"{ckpt.path}: tokenizer.ggml.model={kind!r}; jlora rebuilds only 'gpt2' (byte-level "
+            "BPE) GGUF tokenizers"
+        )
     tokens: list[str] = f("tokens")
     merges = [tuple(m.split(" ", 1)) for m in f("merges", [])]
     tk = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))

