@@ -6,7 +6,9 @@
   `extra::<path>`). Only what cannot be regenerated is stored: NOLA's offset and bases come back
   from the seed in the spec (cached ones included), so a NOLA file holds k + l numbers per target.
   A reload has equal specs and the same pytree structure, so `merge` gives the same kernels and a
-  restored optimizer state still fits.
+  restored optimizer state still fits. `load_adapters` checks every tensor against the saved spec
+  (shape from kernel_shape, rank and method; the saved floating dtype; none missing, none extra)
+  and raises `jlora.errors.CheckpointError` naming the file, the tensor and both shapes.
 - **PEFT LoRA** (`to_peft`): `adapter_config.json` + `adapter_model.safetensors` in PyTorch layout
   for the matching transformers class (`BertForSequenceClassification`, `LlamaForCausalLM`, ...),
   for `peft.PeftModel.from_pretrained(base, path)`. Every method folds into a plain LoRA:
@@ -21,7 +23,9 @@
   under the names PEFT itself writes (`base_model.model.classifier.weight`: PEFT drops the
   `modules_to_save.default.` part when saving and restores it when loading).
 
-Folding is done in float64 and written as float32. Stacked kernels are not exported.
+Folding is done in float64 and written as float32. Stacked kernels are not exported. Neither
+writer writes NaN or Inf: a non-finite adapter leaf, `extra_params` leaf or folded tensor is a
+`CheckpointError` raised before the folder is created or touched.
 
 Example:
   >>> import tempfile, jax.numpy as jnp, jlora
@@ -44,7 +48,7 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -55,6 +59,7 @@ from flax import traverse_util
 from jlora import targets
 from jlora.adapters import Adapters
 from jlora.config import AdapterConfig, Rule
+from jlora.errors import CheckpointError
 from jlora.methods import METHODS, Adapter, AdapterSpec
 from jlora.methods import nola as nola_lib
 
@@ -66,6 +71,7 @@ VERSION = 1
 _SEP = "::"
 _EXTRA = "extra"
 _PEFT_PREFIX = "base_model.model."
+_WITH_MIDDLE = ("slora", "nlora", "inttune")  # methods whose adapters have a middle matrix M
 
 # ---------------------------------------------------------------------------------------------
 # jlora format
@@ -95,7 +101,9 @@ def _fields_of(cls: type, data: Mapping[str, Any], what: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{what} has unknown fields {unknown}: expected fields of {cls.__name__}")
+        raise CheckpointError(
+            f"{what} has unknown fields {unknown}: expected fields of {cls.__name__}"
+        )
 
 
 def _config_from_json(data: Mapping[str, Any]) -> AdapterConfig:
@@ -135,6 +143,33 @@ def _check_key(field: str, key: str) -> None:
         raise ValueError(f"{field} path {key!r} contains {_SEP!r}, which the file format reserves")
 
 
+def _check_finite(
+    tensors: Mapping[str, Any], describe: Callable[[str], str], out: pathlib.Path
+) -> None:
+    """Raises CheckpointError naming (`describe(key)`) the first tensor holding NaN or Inf, so
+    that nothing non-finite is written to `out`."""
+    for key, leaf in tensors.items():
+        x = np.asarray(leaf)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            continue
+        finite = np.isfinite(x)
+        if not finite.all():
+            nan = int(np.isnan(x).sum())
+            raise CheckpointError(
+                f"{describe(key)} has non-finite values ({nan} NaN, "
+                f"{x.size - int(finite.sum()) - nan} Inf of {x.size}): refusing to write {out} "
+                "(the training diverged? lower the learning rate or export an earlier checkpoint)"
+            )
+
+
+def _check_adapters_finite(adapters: Adapters, extra_params: Any, out: pathlib.Path) -> None:
+    """Every adapter leaf and every leaf of `extra_params` is finite (see `_check_finite`)."""
+    for p, a in adapters.items():
+        _check_finite(a.params, lambda name, p=p: f"adapters[{p!r}] leaf {name!r}", out)
+    if extra_params is not None:
+        _check_finite(targets.flatten(extra_params), lambda p: f"extra_params {p!r}", out)
+
+
 def save_adapters(
     path: str | os.PathLike,
     adapters: Adapters,
@@ -152,6 +187,10 @@ def save_adapters(
       extra_params: other trained parameters to keep, e.g. a classification head
         `{"classifier": {...}, "pooler": {...}}` (a pytree of arrays).
       metadata: JSON-serialisable information (step, task, metrics, ...).
+
+    Raises:
+      CheckpointError: a leaf of `adapters` or `extra_params` holds NaN or Inf (checked before
+        anything is written).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a jlora.AdapterConfig, got {type(config).__name__}")
@@ -184,12 +223,126 @@ def save_adapters(
         "metadata": meta,
     }
     out = pathlib.Path(path)
+    _check_adapters_finite(adapters, extra_params, out)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
 
     save_file(tensors, str(out / JLORA_FILE), metadata={"format": FORMAT})
     (out / CONFIG_FILE).write_text(json.dumps(doc, indent=2))
     return out
+
+
+def leaf_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every leaf an adapter of `spec` holds (`A: (d_in, r)`, `M: (r, r)`,
+    `B: (r, d_out)`; NOLA's `alpha: (k,)`, `beta: (l,)` and its cached offset and bases), each
+    with the stacked axes in front. NOLA's basis leaves are optional (cached or regenerated).
+
+    Example:
+      >>> import jax.numpy as jnp, jlora
+      >>> cfg = jlora.AdapterConfig(method="slora", rank=2)
+      >>> _, ad = jlora.init(cfg, {"kernel": jnp.ones((5, 3))})
+      >>> leaf_shapes(ad["kernel"].spec)
+      {'A': (5, 2), 'B': (2, 3), 'M': (2, 2)}
+    """
+    stack, r, d_in, d_out = spec.stack, spec.rank, spec.d_in, spec.d_out
+    if spec.method == "nola":
+        k, l = spec.nola_num_basis
+        return {
+            "alpha": (*stack, k),
+            "beta": (*stack, l),
+            "A0": (*stack, d_in, r),
+            "A_basis": (*stack, k, d_in, r),
+            "B_basis": (*stack, l, r, d_out),
+        }
+    shapes = {"A": (*stack, d_in, r), "B": (*stack, r, d_out)}
+    if spec.method in _WITH_MIDDLE:
+        shapes["M"] = (*stack, r, r)
+    return shapes
+
+
+def _spec_summary(spec: AdapterSpec) -> str:
+    return f"method={spec.method!r}, kernel_shape={spec.kernel_shape}, rank={spec.rank}"
+
+
+def _check_leaf_names(file: pathlib.Path, path: str, spec: AdapterSpec, names: Any) -> None:
+    """The saved leaf names are the method's: all of them, NOLA's bases optional."""
+    known = leaf_shapes(spec)
+    optional = set(_regenerable(spec))
+    unknown = sorted(set(names) - set(known))
+    missing = sorted(set(known) - optional - set(names))
+    if unknown or missing:
+        raise CheckpointError(
+            f"{file}: target {path!r} lists leaves {sorted(names)}; {_spec_summary(spec)} "
+            f"has leaves {sorted(set(known) - optional)} (unknown: {unknown}, missing: {missing})"
+        )
+
+
+def _check_tensor(
+    file: pathlib.Path, key: str, x: np.ndarray, shape: tuple[int, ...], dtype: str, what: str
+) -> None:
+    """A tensor read from `file` has the expected shape and the saved floating dtype."""
+    if tuple(x.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {tuple(x.shape)}, expected {tuple(shape)} ({what})"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.dtype(x.dtype).name != dtype:
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has dtype {jnp.dtype(x.dtype).name}, expected {dtype} "
+            f"(a floating dtype; {what})"
+        )
+
+
+def _read_doc(folder: pathlib.Path) -> dict[str, Any]:
+    """`adapter_config.json` of a jlora folder, its format and version checked."""
+    file = folder / CONFIG_FILE
+    try:
+        doc = json.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{file}: no such file (not a folder save_adapters wrote)") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    info = doc if isinstance(doc, dict) else {}
+    if info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise CheckpointError(
+            f"{file}: format={info.get('format')!r} version={info.get('version')!r}"
+            f", expected format={FORMAT!r} version={VERSION} (a PEFT folder? use peft to load it)"
+        )
+    return doc
+
+
+def _read_tensors(file: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{file}: no such file") from e
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def _load_target(
+    file: pathlib.Path, path: str, entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+) -> Adapter:
+    """One target's adapter, every stored tensor checked against its saved spec."""
+    spec = _spec_from_json(entry["spec"], path)
+    _check_leaf_names(file, path, spec, entry["leaves"])
+    shapes = leaf_shapes(spec)
+    leaves: dict[str, jax.Array] = {}
+    regenerated: dict[str, jax.Array] | None = None
+    for name, dtype in entry["leaves"].items():
+        key = f"{path}{_SEP}{name}"
+        if key in tensors:
+            what = f"leaf {name!r} of target {path!r} with {_spec_summary(spec)}"
+            _check_tensor(file, key, tensors[key], shapes[name], dtype, what)
+            leaves[name] = jnp.asarray(tensors[key])
+        elif name in _regenerable(spec):
+            regenerated = regenerated if regenerated is not None else _regenerate(spec)
+            leaves[name] = regenerated[name].astype(dtype)
+        else:
+            raise CheckpointError(f"{file}: lacks tensor {key!r} of target {path!r}")
+    return Adapter(params=leaves, spec=spec)
 
 
 def load_adapters(
@@ -201,36 +354,35 @@ def load_adapters(
       `(adapters, config, extra_params, metadata)`: adapters with the saved specs and leaves
       (NOLA bases regenerated where they were cached), the `AdapterConfig`, the extra parameter
       pytree (None if none was saved) and the metadata dict (empty if none).
+
+    Raises:
+      CheckpointError: a file is missing or unreadable, not of this format, or a tensor does not
+        fit the saved spec: a shape other than the one its spec's kernel_shape, rank and method
+        give (`leaf_shapes`), a dtype other than the saved floating one, a tensor missing, or a
+        tensor no target or extra parameter owns.
     """
     folder = pathlib.Path(path)
-    doc = json.loads((folder / CONFIG_FILE).read_text())
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise ValueError(
-            f"{folder / CONFIG_FILE}: format={doc.get('format')!r} version={doc.get('version')!r}"
-            f", expected format={FORMAT!r} version={VERSION} (a PEFT folder? use peft to load it)"
-        )
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(folder / JLORA_FILE))
-    adapters: Adapters = {}
-    for p, entry in doc["targets"].items():
-        spec = _spec_from_json(entry["spec"], p)
-        leaves: dict[str, jax.Array] = {}
-        regenerated: dict[str, jax.Array] | None = None
-        for name, dtype in entry["leaves"].items():
-            key = f"{p}{_SEP}{name}"
-            if key in tensors:
-                leaves[name] = jnp.asarray(tensors[key])
-            elif name in _regenerable(spec):
-                regenerated = regenerated if regenerated is not None else _regenerate(spec)
-                leaves[name] = regenerated[name].astype(dtype)
-            else:
-                raise KeyError(f"{folder / JLORA_FILE} lacks tensor {key!r} of target {p!r}")
-        adapters[p] = Adapter(params=leaves, spec=spec)
+    doc = _read_doc(folder)
+    file = folder / JLORA_FILE
+    tensors = _read_tensors(file)
+    adapters = {p: _load_target(file, p, e, tensors) for p, e in doc["targets"].items()}
+    owned = {f"{p}{_SEP}{name}" for p, e in doc["targets"].items() for name in e["leaves"]}
     extra = None
     if doc.get("extra_params") is not None:
-        flat = {p: jnp.asarray(tensors[f"{_EXTRA}{_SEP}{p}"]) for p in doc["extra_params"]}
+        flat = {}
+        for p in doc["extra_params"]:
+            key = f"{_EXTRA}{_SEP}{p}"
+            if key not in tensors:
+                raise CheckpointError(f"{file}: lacks tensor {key!r} of extra_params {p!r}")
+            flat[p] = jnp.asarray(tensors[key])
+            owned.add(key)
         extra = traverse_util.unflatten_dict(flat, sep="/")
+    stray = sorted(set(tensors) - owned)
+    if stray:
+        raise CheckpointError(
+            f"{file}: unexpected tensors {stray[:3]}{' ...' if len(stray) > 3 else ''} "
+            f"({len(stray)} in all) that no target leaf or extra parameter of {CONFIG_FILE} owns"
+        )
     return adapters, _config_from_json(doc["config"]), extra, dict(doc.get("metadata") or {})
 
 
@@ -344,6 +496,12 @@ def _patterns(values: Mapping[str, Any], field: str) -> tuple[Any, dict[str, Any
     return default, pattern
 
 
+def _float32(x: np.ndarray) -> np.ndarray:
+    """A contiguous float32 copy; an overflow becomes Inf silently (`_check_finite` reports it)."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(x, np.float32)
+
+
 def to_peft(
     model: Any,
     adapters: Adapters,
@@ -368,6 +526,10 @@ def to_peft(
 
     Returns the folder. Load it with `peft.PeftModel.from_pretrained(base, folder)` on a
     transformers model holding the original weights.
+
+    Raises:
+      CheckpointError: a leaf of `adapters` or `extra_params`, or a folded float32 tensor, holds
+        NaN or Inf (checked before anything is written).
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, jlora, jlora.models as jm
@@ -394,6 +556,8 @@ def to_peft(
         )
     if not adapters:
         raise ValueError("adapters is empty: nothing to export")
+    out = pathlib.Path(path)
+    _check_adapters_finite(adapters, extra_params, out)
     initial_adapters = initial_adapters or {}
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -402,8 +566,8 @@ def to_peft(
         A, B = fold(p, adapter, initial_adapters.get(p))
         module = hf_module(model, _linen_module(p))
         r = A.shape[1]
-        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(A.T, np.float32)
-        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(B.T, np.float32)
+        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = _float32(A.T)
+        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = _float32(B.T)
         ranks[module] = r
         alphas[module] = _number(float(adapter.spec.scale) * r)
     modules_to_save = None
@@ -421,6 +585,8 @@ def to_peft(
             x = np.asarray(leaf, np.float32)
             hf = f"{hf_module(model, module)}.{'bias' if name == 'bias' else 'weight'}"
             tensors[_PEFT_PREFIX + hf] = np.ascontiguousarray(x.T if name == "kernel" else x)
+    # Finite leaves can still fold to Inf in float32 (`M @ B` overflowing).
+    _check_finite(tensors, lambda key: f"PEFT tensor {key!r}", out)
     r, rank_pattern = _patterns(ranks, "rank_pattern")
     lora_alpha, alpha_pattern = _patterns(alphas, "alpha_pattern")
     peft_config = {
@@ -444,7 +610,6 @@ def to_peft(
         "layers_pattern": None,
         "inference_mode": True,
     }
-    out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file
 

@@ -10,6 +10,13 @@ variables dict).
 Enter the context *inside* the function you jit or differentiate: the adapters are read while
 tracing, so a jitted function called inside the context would keep the adapters of its first trace.
 
+Every adapter must land somewhere: by default (`strict=True`) leaving the context raises a
+ValueError if an adapter matched no module that ran inside it (a wrong path, or a jitted function
+traced before the context), naming the closest module paths that did run; `strict=False` is for
+running only part of a model (an encoder without its head), and only warns when nothing matched.
+An adapter whose `spec.kernel_shape` differs from the kernel of its module (adapters made for
+another model) is a ValueError at that module's call.
+
 Not covered (use the merged path, `model.apply({"params": jlora.merge(base, adapters)}, x)`):
 adapters of stacked kernels (`nn.scan` layers: the interceptor cannot know the layer index),
 `nn.DenseGeneral` with several input or output axes, and `nn.Einsum`.
@@ -28,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +48,8 @@ from jlora import targets
 from jlora.adapters import Adapters
 from jlora.lowrank import lowrank
 from jlora.methods import METHODS, Adapter
+
+_SHOWN = 3  # unmatched adapters named in the strict-mode error
 
 
 def factored_delta(x: jax.Array, adapter: Adapter, dtype: Any, key: jax.Array | None) -> jax.Array:
@@ -80,38 +90,99 @@ def _check_module(module: nn.Module, path: str, adapter: Adapter) -> None:
         )
 
 
+def _kernel_shape(module: nn.Dense | nn.DenseGeneral, x: jax.Array) -> tuple[int, int]:
+    """The (d_in, d_out) kernel of a last-axis matmul module applied to `x` (what Flax creates or
+    reads: `nn.Dense` and such an `nn.DenseGeneral` make their kernel `(x.shape[-1], features)`).
+    """
+    features = module.features
+    return x.shape[-1], features if isinstance(features, int) else features[0]
+
+
+def _check_shape(
+    module: nn.Dense | nn.DenseGeneral, x: jax.Array, path: str, adapter: Adapter
+) -> None:
+    """The adapter was made for this module's kernel shape (not for another model's)."""
+    kernel = _kernel_shape(module, x)
+    if tuple(adapter.spec.kernel_shape) != kernel:
+        raise ValueError(
+            f"jlora.inject: the adapter of {path!r} is for a kernel of shape "
+            f"{tuple(adapter.spec.kernel_shape)}, but the module it lands on has a kernel of "
+            f"shape {kernel}: adapters made for another model (or another config of it)?"
+        )
+
+
+def _strict_error(adapters: Adapters, used: set[str], ran: list[str]) -> ValueError:
+    """The strict-mode error: the first few unmatched adapters, each with the closest kernel
+    paths of modules that ran."""
+    unmatched = [p for p in adapters if p not in used]
+    shown = []
+    for path in unmatched[:_SHOWN]:
+        close = difflib.get_close_matches(path.removeprefix("params/"), ran, n=3, cutoff=0.5)
+        hint = ", ".join(map(repr, close)) if close else "none"
+        shown.append(f"{path!r} (closest modules that ran: {hint})")
+    more = f", and {len(unmatched) - _SHOWN} more" if len(unmatched) > _SHOWN else ""
+    if used:
+        what = f"{len(unmatched)} of {len(adapters)} adapters matched no module that ran"
+    else:  # a wrong prefix, or a jitted function traced before the context
+        what = (
+            "no targeted module ran inside the context (enter it inside the jitted function, "
+            f"not around a call of it); the {len(adapters)} adapters matched no module that ran"
+        )
+    return ValueError(
+        f"jlora.inject: {what}: {'; '.join(shown)}{more}. Fix the adapter paths (module.path "
+        "joined by '/' plus '/kernel'), or pass strict=False if only part of the model runs "
+        "inside the context"
+    )
+
+
 @contextlib.contextmanager
-def inject(adapters: Adapters, *, rng: jax.Array | None = None) -> Iterator[None]:
+def inject(
+    adapters: Adapters, *, rng: jax.Array | None = None, strict: bool = True
+) -> Iterator[None]:
     """Within this context, Linen `model.apply` runs every targeted dense layer factored.
 
     Args:
       adapters: `{kernel path: Adapter}` from `jlora.init`.
       rng: a PRNG key enabling adapter dropout (each target folds in its path); None = no
         dropout (evaluation).
+      strict: if True (default), raise a ValueError at the exit of the context when an adapter
+        matched no module that ran inside it (a wrong path, adapters of another model, or a
+        jitted function traced before the context was entered); the message names the unmatched
+        paths and the closest module paths that ran. False, for running only part of a model
+        (an encoder without its head, ...): only warn when no targeted module ran at all.
 
-    Warns if no targeted module ran inside the context (wrong paths, or a jitted function traced
-    before the context was entered).
+    Raises:
+      ValueError: at the call of a targeted module whose kernel shape differs from the adapter's
+        `spec.kernel_shape`, or that the factored path cannot handle (stacked kernels,
+        multi-axis `nn.DenseGeneral`); and at exit as described for `strict`. Nothing is raised
+        at exit when the body itself raised: its exception propagates unchanged.
     """
     by_module = {m: (p, adapters[p]) for m, p in targets.module_index(adapters).items()}
     used: set[str] = set()
+    ran: dict[str, None] = {}  # kernel paths of every dense module that ran, in order
 
     def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, nn.Dense | nn.DenseGeneral):
             return next_fun(*args, **kwargs)
+        ran["/".join((*module.path, "kernel"))] = None
         hit = by_module.get("/".join(module.path))
         if hit is None:
             return next_fun(*args, **kwargs)
         path, adapter = hit
         _check_module(module, path, adapter)
-        y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
+        _check_shape(module, x, path, adapter)
+        y = next_fun(*args, **kwargs)
         key = None if rng is None else jax.random.fold_in(rng, targets.stable_hash(path))
         used.add(path)
         return y + factored_delta(x, adapter, y.dtype, key)
 
+    # An exception of the body propagates out of `yield`, so the checks below never mask it.
     with nn.intercept_methods(interceptor):
         yield
+    if strict and len(used) < len(adapters):
+        raise _strict_error(adapters, used, list(ran))
     if adapters and not used:
         warnings.warn(
             "jlora.inject: no targeted module ran inside the context. Check that adapter paths "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from conftest import VARIANTS, make_config
 import jlora
 import jlora.models as jm
 from jlora import export, targets
+from jlora.errors import CheckpointError
 from jlora.models.bert import Bert, BertConfig
 
 SEQ = (3, 7)
@@ -119,6 +121,92 @@ def test_load_adapters_rejects_peft_folder(tmp_path):
         export.load_adapters(tmp_path)
 
 
+def _damage(folder, edit_tensors=None, edit_doc=None):
+    """Rewrites a saved jlora folder: `edit_tensors(dict)` / `edit_doc(dict)` change it in place."""
+    from safetensors.numpy import load_file, save_file
+
+    if edit_tensors is not None:
+        tensors = load_file(str(folder / export.JLORA_FILE))
+        edit_tensors(tensors)
+        save_file(tensors, str(folder / export.JLORA_FILE))
+    if edit_doc is not None:
+        doc = json.loads((folder / export.CONFIG_FILE).read_text())
+        edit_doc(doc)
+        (folder / export.CONFIG_FILE).write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("variant", "leaf", "wrong", "want"),
+    [
+        ("lora", "A", (24, 5), (24, 4)),
+        ("slora", "M", (4, 5), (4, 4)),
+        ("nola", "beta", (11,), (12,)),
+    ],
+)
+def test_load_adapters_checks_tensor_shapes(tmp_path, stacked_params, variant, leaf, wrong, want):
+    cfg, _, adapters = _init(variant, stacked_params, targets="proj/kernel")
+    folder = export.save_adapters(tmp_path, adapters, cfg)
+    key = f"proj/kernel::{leaf}"
+    _damage(folder, lambda t: t.update({key: np.zeros(wrong, np.float32)}))
+    match = f"adapters.safetensors: tensor '{key}' has shape {wrong}, expected {want}"
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        export.load_adapters(folder)
+
+
+def test_load_adapters_checks_tensors_against_the_saved_spec(tmp_path, stacked_params):
+    """A config edited to rank 3 no longer fits the rank-4 tensors."""
+    cfg, _, adapters = _init("lora", stacked_params, targets="layers/mlp/kernel")
+    folder = export.save_adapters(tmp_path, adapters, cfg)
+    _damage(folder, edit_doc=lambda d: d["targets"]["layers/mlp/kernel"]["spec"].update(rank=3))
+    with pytest.raises(CheckpointError, match=r"'layers/mlp/kernel::A' has shape \(3, 40, 4\), "):
+        export.load_adapters(folder)
+
+
+def _drop(key):
+    return lambda t: t.pop(key)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_drop("proj/kernel::B"), r"lacks tensor 'proj/kernel::B' of target 'proj/kernel'"),
+        (_drop("extra::embed/embedding"), r"lacks tensor 'extra::embed/embedding'"),
+        (
+            lambda t: t.update({"proj/kernel::C": np.zeros(3, np.float32)}),
+            r"unexpected tensors \['proj/kernel::C'\]",
+        ),
+        (
+            lambda t: t.update({"proj/kernel::A": np.zeros((24, 4), np.int32)}),
+            r"tensor 'proj/kernel::A' has dtype int32, expected float32",
+        ),
+    ],
+    ids=["missing", "missing_extra", "unexpected", "dtype"],
+)
+def test_load_adapters_rejects_damaged_tensors(tmp_path, stacked_params, edit, match):
+    cfg, _, adapters = _init("lora", stacked_params, targets="proj/kernel")
+    head = {"embed": stacked_params["embed"]}
+    folder = export.save_adapters(tmp_path, adapters, cfg, extra_params=head)
+    with pytest.raises(CheckpointError, match=match):
+        export.load_adapters(_damage(folder, edit))
+
+
+def _poisoned(adapters, path, leaf, value):
+    a = adapters[path]
+    return {**adapters, path: a.replace(params={**a.params, leaf: a.params[leaf].at[0].set(value)})}
+
+
+def test_save_adapters_refuses_non_finite(tmp_path, stacked_params):
+    cfg, _, adapters = _init("lora", stacked_params, targets="proj/kernel")
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"adapters\['proj/kernel'\] leaf 'B' .* NaN"):
+        export.save_adapters(out, _poisoned(adapters, "proj/kernel", "B", np.nan), cfg)
+    head = {"embed": {"embedding": stacked_params["embed"]["embedding"].at[1, 2].set(np.inf)}}
+    with pytest.raises(CheckpointError, match=r"extra_params 'embed/embedding' .* 1 Inf of 240"):
+        export.save_adapters(out, adapters, cfg, extra_params=head)
+    assert not out.exists()
+
+
 # --- PEFT format: errors (no torch needed) ------------------------------------------------------
 
 
@@ -149,6 +237,29 @@ def test_to_peft_rejects_stacked_kernels(tmp_path, small_bert, stacked_params):
     _, _, adapters = _init("lora", stacked_params, targets=r"layers/mlp/kernel")
     with pytest.raises(ValueError, match="stacked kernel"):
         export.to_peft(small_bert, adapters, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_bert_adapters(small_bert):
+    params = small_bert.init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))["params"]
+    _, _, adapters = _init("slora", params, targets=jm.preset(small_bert, "attention"))
+    return params, adapters
+
+
+def test_to_peft_refuses_non_finite(tmp_path, small_bert, small_bert_adapters):
+    params, adapters = small_bert_adapters
+    path = next(iter(adapters))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=rf"adapters\['{path}'\] leaf 'A' .* Inf"):
+        export.to_peft(small_bert, _poisoned(adapters, path, "A", np.inf), out)
+    head = {"classifier": {**params["classifier"], "bias": jnp.array([0.0, np.nan])}}
+    with pytest.raises(CheckpointError, match=r"extra_params 'classifier/bias' .* NaN"):
+        export.to_peft(small_bert, adapters, out, extra_params=head)
+    # Finite float32 leaves whose fold lora_B = (M @ B)ᵀ overflows float32.
+    huge = _poisoned(_poisoned(adapters, path, "M", 3e38), path, "B", 3e38)
+    with pytest.raises(CheckpointError, match=r"'base_model\.model\..*\.lora_B\.weight' .* Inf"):
+        export.to_peft(small_bert, huge, out)
+    assert not out.exists()
 
 
 # --- PEFT format: logits of PeftModel.from_pretrained --------------------------------------------
