@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
+import traceback
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.yaml"
 
@@ -27,7 +29,11 @@ CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
   train:      steps, batch_size, grad_accum, learning_rate, head_learning_rate, warmup_steps,
               schedule (cosine | linear | constant), weight_decay, clip_norm, eval_every,
               eval_batch_size, log_every, seed, gora_prepass_batches, train_head, full_finetune
+              nonfinite (stop | skip), max_skipped_steps
   checkpoint: every, keep
+
+exit status: 0 done; 2 an error, printed as one line (--debug or JLORA_DEBUG=1 for the
+traceback); 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (--resume continues).
 """
 
 
@@ -59,6 +65,9 @@ def _train_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks of errors (or JLORA_DEBUG=1)"
+    )
     return p
 
 
@@ -70,15 +79,59 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=pathlib.Path, required=True, help="the run folder")
     p.add_argument("--format", choices=("jlora", "peft", "merged"), required=True)
     p.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks of errors (or JLORA_DEBUG=1)"
+    )
     return p
 
 
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("JLORA_DEBUG", "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run `train.py` with `argv`; returns the exit status.
+
+    0: done. 2: a user error (config, YAML, data, model files, checkpoints, a locked run
+    folder, a non-finite step, a file system error), printed as one line on stderr before
+    any work it makes pointless. 130/143: SIGINT/SIGTERM, after writing a checkpoint. With
+    `--debug` or JLORA_DEBUG=1 the traceback of an error is shown as well.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        from jlora.train.guard import Interrupted
+
+        msg = str(e) if isinstance(e, Interrupted) else "interrupted by SIGINT"
+        print(f"train.py: {' '.join(msg.split())}", file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
+    except Exception as e:
+        from jlora.errors import UserError
+        from jlora.train.config import one_line
+
+        if not isinstance(e, UserError | OSError):
+            raise  # a bug: keep the traceback
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, OSError) and not isinstance(e, UserError):
+            where = f"{e.filename}: " if e.filename else ""
+            msg = f"{where}{e.strerror or e}"
+        else:
+            msg = str(e)
+        print(f"train.py: {one_line(msg, 1000)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     from jlora.train import config as config_lib
 
     if argv[:1] == ["export"]:
@@ -88,19 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         export.export_run(args.run, args.format, args.out)
         return 0
     args = _train_parser().parse_args(argv)
-    try:
-        cfg = config_lib.load(args.config or DEFAULT_CONFIG, args.overrides)
-    except (config_lib.ConfigError, ValueError, OSError) as e:
-        print(f"train.py: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_lib.load(args.config or DEFAULT_CONFIG, args.overrides)
     from jlora.train import loop
 
     out = args.out or pathlib.Path("runs") / cfg.name
-    try:
-        loop.run(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except loop.RunExistsError as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
+    loop.run(cfg, out, resume=args.resume, progress=not args.no_progress)
     return 0
 
 

@@ -14,14 +14,16 @@ Example:
   >>> from_dict({"train": {"stpes": 10}})
   Traceback (most recent call last):
   ...
-  jlora.train.config.ConfigError: train.stpes: unknown key; allowed: batch_size, ...
+  jlora.errors.ConfigError: train.stpes: unknown key; allowed: batch_size, ...
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -29,13 +31,12 @@ from typing import Any
 
 import yaml
 
+from jlora.errors import ConfigError
+
 TASKS = ("sst2", "gsm8k")
 SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or out of range."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,6 +90,12 @@ class TrainLoopConfig:
     train_head: bool = True
     # Full fine-tuning (every parameter trains; the `adapter` section is ignored): the reference.
     full_finetune: bool = False
+    # A step whose loss or gradient is not finite is never applied. "stop": end the run at the
+    # next log point or checkpoint, naming the step (no checkpoint is written after it);
+    # "skip": drop that step's update and go on, ending the run once more than
+    # `max_skipped_steps` steps were dropped.
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 10
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,7 +126,7 @@ class RunConfig:
 
 def _check(path: str, cond: bool, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"{path}={value!r}: expected {allowed}")
+        raise ConfigError(f"{path}={one_line(repr(value), 120)}: expected {allowed}")
 
 
 def _coerce(path: str, tp: Any, value: Any) -> Any:
@@ -151,7 +158,7 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
             with contextlib.suppress(ValueError):
                 value = float(value)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
-        _check(path, ok, value, "a number")
+        _check(path, ok and math.isfinite(value), value, "a finite number")
         value = float(value)
     elif tp is str:
         _check(path, isinstance(value, str), value, "a string")
@@ -163,7 +170,8 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
+        name = key if isinstance(key, str) and key.isprintable() else repr(key)
+        path = f"{prefix}.{name}" if prefix else name
         if key not in fields:
             raise ConfigError(f"{path}: unknown key; allowed: {', '.join(sorted(fields))}")
         kwargs[key] = _coerce(path, hints[key], value)
@@ -203,8 +211,80 @@ def _validate(cfg: RunConfig) -> None:
         f"a largest bucket >= data.max_length={d.max_length}",
     )
     _check("data.max_new_tokens", d.max_new_tokens >= 1, d.max_new_tokens, "an integer >= 1")
+    for section in (t, d, cfg.checkpoint):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            values = v if isinstance(v, tuple) else (v,)
+            for x in values:
+                if isinstance(x, int) and not isinstance(x, bool):
+                    _check(_path_of(section, f.name), abs(x) <= INT_MAX, x, f"|value| <= {INT_MAX}")
+    for name in ("max_train_examples", "max_eval_examples"):
+        n = getattr(d, name)
+        _check(f"data.{name}", n is None or n >= 1, n, "an integer >= 1 or null (all)")
+    _check("train.nonfinite", t.nonfinite in NONFINITE, t.nonfinite, f"one of {NONFINITE}")
+    _check("train.max_skipped_steps", t.max_skipped_steps >= 0, t.max_skipped_steps, ">= 0")
     if not t.full_finetune:
-        _check("adapter.method", "method" in cfg.adapter, None, "a jlora method name")
+        check_adapter(cfg)
+
+
+# Step counters and sizes are int32 on the device; seeds are folded into 32-bit keys.
+INT_MAX = 2**31 - 1
+
+
+def _path_of(section: Any, name: str) -> str:
+    prefix = {TrainLoopConfig: "train", DataConfig: "data", CheckpointConfig: "checkpoint"}
+    return f"{prefix[type(section)]}.{name}"
+
+
+# Presets `adapter.targets` may name; the model turns them into its regex (`jlora.models.preset`).
+PRESETS = ("attention", "all-linear")
+
+
+def adapter_kwargs(cfg: RunConfig, targets: Any = None) -> dict[str, Any]:
+    """`jlora.AdapterConfig` keyword arguments of the `adapter` section: lists as tuples, the
+    seed defaulting to `train.seed`, and `targets` replaced by `targets` when given (a preset's
+    regex, which needs the model)."""
+    kwargs = dict(cfg.adapter)
+    for key in ("nola_num_basis", "gora_rank_range"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    kwargs.setdefault("seed", cfg.train.seed)
+    if targets is not None:
+        kwargs["targets"] = targets
+    return kwargs
+
+
+_ADAPTER_ERROR = re.compile(r"AdapterConfig\.(\S+?)=(.*) is invalid: expected (.*)", re.S)
+
+
+def check_adapter(cfg: RunConfig, targets: Any = None) -> Any:
+    """The `jlora.AdapterConfig` of the `adapter` section, or `ConfigError` naming
+    `adapter.<field>`. A preset name in `targets` is checked with a match-all placeholder
+    unless the model's regex is given as `targets`."""
+    from jlora.config import AdapterConfig
+
+    fields = {f.name for f in dataclasses.fields(AdapterConfig)}
+    for key in cfg.adapter:
+        if key not in fields:
+            name = key if isinstance(key, str) and key.isprintable() else repr(key)
+            raise ConfigError(f"adapter.{name}: unknown key; allowed: {', '.join(sorted(fields))}")
+    _check("adapter.method", "method" in cfg.adapter, None, "a jlora method name")
+    if targets is None and cfg.adapter.get("targets", "attention") in PRESETS:
+        targets = ".*"
+    try:
+        return AdapterConfig(**adapter_kwargs(cfg, targets))
+    except (ValueError, TypeError) as e:
+        m = _ADAPTER_ERROR.fullmatch(str(e).strip())
+        if m is None:
+            raise ConfigError(f"adapter: {one_line(str(e))}") from e
+        field, value, allowed = m.groups()
+        raise ConfigError(f"adapter.{field}={one_line(value)}: expected {one_line(allowed)}") from e
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
@@ -241,7 +321,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
+        node[parts[-1]] = parse_yaml(text, f"--set {key}")
     return raw
 
 
@@ -249,13 +329,128 @@ def to_nested_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: to_nested_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, or `ConfigError` naming `where`, the line and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}{at}: invalid YAML ({one_line(str(problem))})") from e
+    except RecursionError as e:
+        raise ConfigError(f"{where}: invalid YAML (nested too deeply)") from e
+    except ValueError as e:  # e.g. an integer literal of more than 4300 digits
+        raise ConfigError(f"{where}: invalid YAML ({one_line(str(e), 120)})") from e
+
+
+def read_text(path: str | pathlib.Path, what: str = "--config") -> str:
+    """The UTF-8 text of `path`, or `ConfigError` naming it."""
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what} {path}: no such file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.start})") from e
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read ({e.strerror or e})") from e
+
+
 def load(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML config (None = the built-in defaults), apply overrides, validate."""
-    raw: dict[str, Any] = {}
+    raw: Any = {}
     if path is not None:
-        text = pathlib.Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = parse_yaml(read_text(path), str(path))
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         raw.setdefault("name", pathlib.Path(path).stem)
-    return from_dict(apply_overrides(raw, overrides))
+    try:
+        return from_dict(apply_overrides(raw, overrides))
+    except RecursionError as e:  # a YAML alias that contains itself
+        raise ConfigError(f"{path}: nested too deeply or refers to itself (YAML alias)") from e
+
+
+# Fields that may change when a run resumes: they steer the rest of the run, not what its
+# checkpoints hold. A change of any other field is refused (see `resume_changes`).
+RESUMABLE = (
+    "name",
+    "data.eval_split",
+    "data.max_eval_examples",
+    "data.max_new_tokens",
+    "train.steps",
+    "train.learning_rate",
+    "train.head_learning_rate",
+    "train.warmup_steps",
+    "train.schedule",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.nonfinite",
+    "train.max_skipped_steps",
+    "checkpoint.every",
+    "checkpoint.keep",
+)
+
+
+def flat(cfg: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The config as `{dotted field: value}`; the `adapter` section with AdapterConfig's
+    defaults filled in, so an explicit default equals an omitted one.
+
+    Example:
+      >>> flat(from_dict({"train": {"steps": 5}}))["train.steps"]
+      5
+    """
+    from jlora.config import AdapterConfig
+
+    raw = to_dict(cfg) if isinstance(cfg, RunConfig) else to_nested_copy(cfg)
+    out: dict[str, Any] = {}
+    for section, value in raw.items():
+        if section == "adapter" and isinstance(value, Mapping):
+            defaults = {
+                f.name: f.default
+                for f in dataclasses.fields(AdapterConfig)
+                if f.default is not dataclasses.MISSING
+            }
+            value = {**to_dict_value(defaults), **value}
+        if isinstance(value, Mapping):
+            out.update({f"{section}.{k}": to_dict_value(v) for k, v in value.items()})
+        else:
+            out[section] = to_dict_value(value)
+    return out
+
+
+def to_dict_value(x: Any) -> Any:
+    """`x` with tuples as lists, recursively (the JSON/YAML form)."""
+    if isinstance(x, Mapping):
+        return {k: to_dict_value(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return [to_dict_value(v) for v in x]
+    return x
+
+
+def resume_changes(
+    saved: Mapping[str, Any], cfg: RunConfig
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """`(allowed, refused)`: the fields whose value differs between the config a checkpoint was
+    written with (`saved`, a `to_dict` mapping) and `cfg`, as `{field: (old, new)}`, split by
+    `RESUMABLE`.
+
+    Example:
+      >>> old = to_dict(from_dict({"train": {"steps": 5}}))
+      >>> lora = {"method": "lora", "targets": "attention"}
+      >>> new = from_dict({"train": {"steps": 9}, "adapter": lora})
+      >>> resume_changes(old, new)
+      ({'train.steps': (5, 9)}, {'adapter.method': ('nlora', 'lora')})
+    """
+    a, b = flat(saved), flat(cfg)
+    missing = object()
+    diff = {
+        k: (a.get(k, missing), b.get(k, missing))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    }
+    diff = {k: tuple(None if v is missing else v for v in ab) for k, ab in diff.items()}
+    allowed = {k: v for k, v in diff.items() if k in RESUMABLE}
+    refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
+    return allowed, refused

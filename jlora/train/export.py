@@ -1,9 +1,10 @@
 """`train.py export`: a finished (or interrupted) run as jlora adapters, a PEFT LoRA folder, or
 a merged Hugging Face model.
 
-The run folder holds the resolved `config.yaml` and orbax checkpoints; the export rebuilds the
-model and the initial adapters from the config (deterministic, as on resume), restores the
-latest checkpoint and writes:
+The run folder holds orbax checkpoints that record their resolved config and adapter specs; the
+export rebuilds the model and the initial adapters from them (deterministic, as on resume; no
+training data, no GoRA pre-pass), restores the newest good checkpoint (checksum and
+finiteness verified) and writes:
 - `jlora`: `jlora.export.save_adapters` (NOLA: coefficients and seeds only), with the trained
   head; `jlora.export.load_adapters` reads it back to continue or merge;
 - `peft`: `jlora.export.to_peft` (residual methods use the recomputed initial adapters), the
@@ -29,35 +30,55 @@ import jax.numpy as jnp
 import jlora
 import jlora.models as jm
 from jlora import export as jexport
+from jlora.errors import CheckpointError
 from jlora.train import config as config_lib
-from jlora.train.checkpoint import Checkpoints
+from jlora.train.checkpoint import Checkpoints, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 FORMATS = ("jlora", "peft", "merged")
 
 
 def restore_run(run: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
-    """`(setup, trainable, meta)`: the rebuilt run and its latest trained state."""
-    from jlora.train.loop import Setup
+    """`(setup, trainable, meta)`: the rebuilt run and its newest good trained state.
+
+    The config is the one the checkpoint records (`config.yaml` for checkpoints that predate
+    self-describing ones); a damaged or non-finite newest checkpoint is skipped for the one
+    before it (the run folder is not changed). Needs neither the training data nor GoRA's
+    pre-pass: GoRA's adapters are rebuilt from the checkpoint's specs.
+    """
+    from jlora.train.setup import NEEDS_GRADS, Setup, adapters_from_meta
 
     run = pathlib.Path(run)
-    if not (run / "config.yaml").exists():
-        raise FileNotFoundError(f"--run {run}: no config.yaml (not a train.py run folder)")
-    cfg = config_lib.load(run / "config.yaml")
-    ckpt = Checkpoints(run / "checkpoints", keep=cfg.checkpoint.keep)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"--run {run}: no complete checkpoint to export")
-    # GoRA's init needs its gradient pre-pass, hence the data; other methods do not.
-    setup = Setup(cfg, need_data=cfg.method == "gora")
-    tx = setup.optimizer()
-    like = {
-        "trainable": setup.trainable,
-        "opt": tx.init(setup.trainable),
-        "step": jnp.zeros((), jnp.int32),
-    }
-    state, meta = ckpt.restore(step, like)
-    ckpt.close()
+    if not (run / "checkpoints").is_dir():
+        raise CheckpointError(f"--run {run}: no checkpoints/ folder (not a train.py run folder)")
+    ckpt = Checkpoints(run / "checkpoints")
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise CheckpointError(f"--run {run}: no complete checkpoint to export")
+        meta = None
+        for step in reversed(steps):
+            try:
+                meta = ckpt.read_meta(step)
+                break
+            except DamagedCheckpointError as e:
+                log.warning("%s; trying an earlier checkpoint", e)
+        if meta is None:
+            raise CheckpointError(f"--run {run}: every checkpoint is damaged ({steps})")
+        if "config" in meta:
+            cfg = config_lib.from_dict(meta["config"])
+        else:
+            cfg = config_lib.load(run / "config.yaml")
+        gora = None
+        if cfg.method in NEEDS_GRADS:
+            gora = adapters_from_meta(meta, ckpt.leaf_shapes(step))
+        setup = Setup(cfg, need_data=gora is None and cfg.method in NEEDS_GRADS, adapters=gora)
+        like = setup.initial_state(setup.optimizer())
+        got = ckpt.restore_latest(lambda s, m: like, quarantine=False)
+    finally:
+        ckpt.close()
+    assert got is not None
+    _, state, meta = got
     return setup, state["trainable"], meta
 
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -50,14 +51,18 @@ class Metrics:
 
     def write(self, step: int, values: dict[str, float]) -> None:
         row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:  # name the file (a full disk's error does not)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, float(v), int(step))
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a write error was raised already by `write`
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -1,0 +1,228 @@
+"""What a run rebuilds from its config: model, data, adapters, trainable state and optimizer.
+
+`Setup(cfg)` loads the model and tokenizer, builds the task's data, makes the adapters
+(`jlora.init`; GoRA after its gradient pre-pass) and splits them into the trainable state and
+the frozen rest. Everything here is deterministic in the config, which is why checkpoints hold
+only the trainable state. Adapters whose init needs the gradient pre-pass (GoRA) can instead be
+given rebuilt from a checkpoint's specs (`adapters_from_meta`), so resume and export need
+neither the pre-pass nor the training data.
+
+Example (a tiny GSM8K run on the stories260K fixture):
+  >>> from jlora.train import config
+  >>> cfg = config.from_dict({"task": "gsm8k", "model": {"source":
+  ...     "tests/fixtures/stories260K/stories260K.bin"}, "adapter": {"method": "lora"}})
+  >>> s = Setup(cfg, need_data=False)  # doctest: +SKIP
+  >>> sorted(s.trainable)  # doctest: +SKIP
+  ['adapters', 'head']
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jlora
+import jlora.models as jm
+from jlora import export as jexport
+from jlora.methods import Adapter
+from jlora.train import tasks
+from jlora.train.config import RunConfig, check_adapter
+from jlora.train.steps import new_guard
+
+log = logging.getLogger(__name__)
+
+# Methods whose init reads gradients of a pre-pass over training data.
+NEEDS_GRADS = ("gora",)
+
+
+def schedule(cfg: RunConfig, peak: float) -> optax.Schedule:
+    """Linear warmup to `peak`, then cosine / linear decay to 0 or constant."""
+    t = cfg.train
+    decay_steps = max(t.steps - t.warmup_steps, 1)
+    decay = {
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+        "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+        "constant": optax.constant_schedule(peak),
+    }[t.schedule]
+    if not t.warmup_steps:
+        return decay
+    warm = optax.linear_schedule(0.0, peak, t.warmup_steps)
+    return optax.join_schedules([warm, decay], [t.warmup_steps])
+
+
+def by_key(txs: dict[str, optax.GradientTransformation]) -> optax.GradientTransformation:
+    """One transform per top-level key of a dict of parameters (each sees only its subtree,
+    unlike `optax.partition`, whose inner transforms see the whole masked tree)."""
+
+    def init(params):
+        return {k: tx.init(params[k]) for k, tx in txs.items()}
+
+    def update(updates, state, params=None):
+        out, new_state = {}, {}
+        for k, tx in txs.items():
+            out[k], new_state[k] = tx.update(
+                updates[k], state[k], None if params is None else params[k]
+            )
+        return out, new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def adapter_config(cfg: RunConfig, model: Any) -> jlora.AdapterConfig:
+    """`jlora.AdapterConfig` of the `adapter` section; preset names become the model's regex."""
+    targets = cfg.adapter.get("targets", "attention")
+    if isinstance(targets, str) and targets in ("attention", "all-linear"):
+        targets = jm.preset(model, targets)
+    return check_adapter(cfg, targets)
+
+
+def spec_meta(adapters: Mapping[str, Adapter]) -> dict[str, Any]:
+    """`{path: spec as JSON}`: what a checkpoint records of each adapter."""
+    return {p: jexport._spec_to_json(a.spec) for p, a in adapters.items()}
+
+
+def adapters_from_meta(
+    meta: Mapping[str, Any], leaf_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Adapter] | None:
+    """Adapters with a checkpoint's specs and zero leaves of its saved shapes (the values come
+    from the checkpoint itself), for methods whose every leaf trains; None when the
+    checkpoint records no specs (written before self-describing checkpoints)."""
+    specs = meta.get("adapters")
+    if not specs:
+        return None
+    out = {}
+    for path, data in specs.items():
+        spec = jexport._spec_from_json(data, path)
+        prefix = f"trainable/adapters/{path}/params/"
+        leaves = {
+            name: jnp.zeros(leaf_shapes[prefix + name], jnp.float32) for name in spec.trainable
+        }
+        out[path] = Adapter(params=leaves, spec=spec)
+    return out
+
+
+class Setup:
+    """Everything a run (and its export) rebuilds from the config.
+
+    Args:
+      cfg: the run config.
+      need_data: build the task's data (training and resume; export needs none).
+      rows: the raw rows `tasks.read_data(cfg)` returned, so they are not read twice.
+      adapters: initial adapters to use instead of `jlora.init` (a GoRA run rebuilt from its
+        checkpoint's specs: `adapters_from_meta`); only for methods in `NEEDS_GRADS`.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        need_data: bool = True,
+        rows: Mapping[str, list] | None = None,
+        adapters: dict[str, Adapter] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        t = cfg.train
+        dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+        num_labels = len(tasks.SST2_LABELS) if cfg.task == "sst2" else None
+        log.info("loading %s", cfg.model.source)
+        self.model, params, self.tokenizer = jm.load(
+            cfg.model.source,
+            dtype=dtype,
+            num_labels=num_labels,
+            key=jax.random.key(t.seed),
+            require_tokenizer=True,
+        )
+        self.data = tasks.build_data(cfg, self.tokenizer, t.seed, rows=rows) if need_data else None
+        self.loss = tasks.loss_fn(cfg, self.model)
+        self.original = params
+        self.acfg = None
+        self.initial_adapters: dict = {}
+        if t.full_finetune:
+            self.trainable = {"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)}
+            self.frozen: dict[str, Any] = {"adapters": {}, "base": {}}
+            return
+        self.acfg = adapter_config(cfg, self.model)
+        if adapters is not None:
+            if self.acfg.method not in NEEDS_GRADS:
+                raise ValueError(f"adapters= is for methods {NEEDS_GRADS}, not {self.acfg.method}")
+            base = params
+        else:
+            needs = self.acfg.method in NEEDS_GRADS
+            grads = self._gora_prepass(params) if needs else None
+            base, adapters = jlora.init(self.acfg, params, jax.random.key(t.seed), grads=grads)
+        self.initial_adapters = adapters
+        head_names = [k for k in tasks.HEAD_MODULES if k in base] if self._train_head else []
+        head = {k: jax.tree.map(lambda x: x.astype(jnp.float32), base[k]) for k in head_names}
+        trainable, frozen = jlora.split(adapters)
+        self.trainable = {"adapters": trainable, "head": head}
+        self.frozen = {
+            "adapters": frozen,
+            "base": {k: v for k, v in base.items() if k not in head_names},
+        }
+
+    @property
+    def _train_head(self) -> bool:
+        return self.cfg.task == "sst2" and self.cfg.train.train_head
+
+    def _gora_prepass(self, params: Any) -> Any:
+        """GoRA's gradient statistics over `gora_prepass_batches` training micro-batches."""
+        n = self.cfg.train.gora_prepass_batches
+        if self.data is None:
+            raise ValueError("GoRA's pre-pass needs the training data (need_data=True)")
+        if n == 0:
+            raise ValueError("adapter.method='gora' needs train.gora_prepass_batches >= 1")
+        pre = self.data.prepass_batches(seed=self.cfg.train.seed + 1)
+        log.info("GoRA pre-pass over %d micro-batches", n)
+
+        def plain(p, batch):
+            return self.loss(p, {}, batch, None)
+
+        batches = (jax.tree.map(jnp.asarray, b) for b in itertools.islice(iter(pre), n))
+        return jlora.gradient_stats(plain, params, batches, self.acfg, log_every=max(n // 4, 1))
+
+    def assemble(self, trainable: Any, frozen: Any = None) -> tuple[Any, Any]:
+        """`(params, adapters)` the model runs with, from the trainable state (and `frozen`, by
+        default `self.frozen`; jitted steps pass it as an argument)."""
+        frozen = self.frozen if frozen is None else frozen
+        if "params" in trainable:
+            dtype = jax.tree.leaves(self.original)[0].dtype
+            return jax.tree.map(lambda x: x.astype(dtype), trainable["params"]), {}
+        params = {**frozen["base"], **trainable["head"]}
+        return params, jlora.combine(trainable["adapters"], frozen["adapters"])
+
+    def optimizer(self) -> optax.GradientTransformation:
+        t = self.cfg.train
+        lr = schedule(self.cfg, t.learning_rate)
+        txs: dict[str, optax.GradientTransformation] = {}
+        if "params" in self.trainable:
+            txs["params"] = optax.adamw(lr, weight_decay=t.weight_decay)
+        else:
+            txs["adapters"] = jlora.optimizer(
+                self.trainable["adapters"],
+                optax.adam(lr),
+                weight_decay=t.weight_decay,
+                learning_rate=lr,
+            )
+            head_lr = schedule(self.cfg, t.head_learning_rate or t.learning_rate)
+            txs["head"] = optax.adamw(head_lr, weight_decay=t.weight_decay)
+        parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm else []
+        return optax.chain(*parts, by_key(txs))
+
+    def initial_state(self, tx: optax.GradientTransformation) -> dict[str, Any]:
+        """The training state at step 0 (also the `like` tree of a restore)."""
+        return {
+            "trainable": self.trainable,
+            "opt": tx.init(self.trainable),
+            "step": jnp.zeros((), jnp.int32),
+            "guard": new_guard(),
+        }
+
+    def trainable_params(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.trainable)))
