@@ -147,3 +147,38 @@ def test_whole_minilm_init_rows():
     rows = init_cost.whole_minilm(rank=4, methods=("nlora", "gora B-init given G"))
     assert [r["method"] for r in rows] == ["nlora", "gora B-init given G"]
     assert all(r["median_s"] > 0 and r["first_call_s"] > 0 for r in rows)
+
+
+def test_guard_cost_times_both_steps_and_they_agree(tmp_path, capsys):
+    """`python -m benchmarks.guard_cost` on the stories260K GSM8K config: both steps run, give
+    the same loss, and the table and JSON are written."""
+    from benchmarks import guard_cost
+    from jlora.train import config as config_lib
+    from jlora.train.setup import Setup
+
+    overrides = [
+        "task=gsm8k",
+        "model.source=tests/fixtures/stories260K/stories260K.bin",
+        "data.source=data/gsm8k",
+        "data.eval_split=test",
+        "data.max_length=256",
+        "data.buckets=[256]",
+        "data.max_train_examples=8",
+        "data.max_eval_examples=1",
+        "train.batch_size=4",
+        "adapter={method: lora, rank: 4, targets: attention}",
+    ]
+    args = [a for o in overrides for a in ("--set", o)]
+    assert guard_cost.main(["--rounds", "2", "--out", str(tmp_path), *args]) == 0
+    result = json.loads((tmp_path / "guard_cost.json").read_text())
+    assert len(result["times"]["guarded"]) == 2 and result["ratio"] > 0
+    assert "paired median ratio" in capsys.readouterr().out
+    setup = Setup(config_lib.load("configs/default.yaml", overrides))
+    state, guarded, plain, batch = guard_cost.step_pair(setup)
+    (a, m), (b, loss) = guarded(state, setup.frozen, batch), plain(state, setup.frozen, batch)
+    assert float(m["loss"]) == float(loss)
+    assert all(
+        jax.tree.leaves(
+            jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a["trainable"], b["trainable"])
+        )
+    )

@@ -99,6 +99,7 @@ def test_nan_stops_the_run_and_keeps_good_checkpoints(tmp_path):
     assert [h["event"] for h in history] == ["start", "failed", "resume", "failed"]
 
 
+@SLOW
 def test_skip_policy_has_a_limit(tmp_path):
     cfg = _tiny(
         train={"steps": 6, "learning_rate": 1e30, "nonfinite": "skip", "max_skipped_steps": 2},
@@ -108,6 +109,7 @@ def test_skip_policy_has_a_limit(tmp_path):
         loop.run(cfg, tmp_path, progress=False)
 
 
+@SLOW
 def test_resume_falls_back_from_a_nonfinite_checkpoint(tmp_path):
     """A non-finite checkpoint (written before this guard existed, or by hand) is moved to
     damaged/ and the run resumes from the newest finite one."""
@@ -327,23 +329,29 @@ def test_a_full_disk_keeps_the_last_checkpoint(tmp_path):
 # --- 8, 9. User errors: one line, exit 2, before the model loads ------------------------------
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["adapter.rnak=4"], "adapter.rnak: unknown key"),
-        (["adapter.rank=-4"], "adapter.rank=-4: expected"),
-        (["data.max_train_examples=-5"], "data.max_train_examples=-5: expected"),
-        (["train.learning_rate=.inf"], "train.learning_rate=inf: expected a finite number"),
-        (["train.nonfinite=ignore"], "train.nonfinite='ignore'"),
-        (["train.steps=[1,"], "--set train.steps line 1"),
-    ],
-)
-def test_config_errors_are_one_line_before_any_work(tmp_path, overrides, message):
-    """Defects 8, 9: adapter and other config errors before the model loads, nothing written."""
-    args = [a for o in overrides for a in ("--set", o)]
-    proc = _cli(*args, "--out", str(tmp_path / "run"))
+CONFIG_ERRORS = [
+    (["adapter.rnak=4"], "adapter.rnak: unknown key"),
+    (["adapter.rank=-4"], "adapter.rank=-4: expected"),
+    (["data.max_train_examples=-5"], "data.max_train_examples=-5: expected"),
+    (["train.learning_rate=.inf"], "train.learning_rate=inf: expected a finite number"),
+    (["train.nonfinite=ignore"], "train.nonfinite='ignore'"),
+    (["train.steps=[1,"], "--set train.steps line 1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CONFIG_ERRORS)
+def test_config_errors_name_the_field(overrides, message):
+    """Defects 8, 9: the adapter section is checked with the rest, before any model."""
+    with pytest.raises(ConfigError) as e:
+        config_lib.load(ROOT / "configs" / "default.yaml", overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_errors_are_one_line_before_any_work(tmp_path):
+    """On the command line: exit 2, one line, no run folder left behind."""
+    proc = _cli("--set", "adapter.rnak=4", "--out", str(tmp_path / "run"))
     assert proc.returncode == 2
-    assert message in _error_line(proc)
+    assert "adapter.rnak: unknown key" in _error_line(proc)
     assert not (tmp_path / "run").exists()
 
 
@@ -367,6 +375,7 @@ def test_missing_data_folder_is_reported_before_the_model_loads(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@SLOW
 def test_nonfinite_and_debug_on_the_cli(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps(config_lib.to_dict(_tiny(train={"learning_rate": 1e30}))))

@@ -22,6 +22,7 @@ Example (the embedded default, as `python train.py` runs it):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -144,6 +145,8 @@ def _train(
             "or choose another --out"
         )
     saved = _newest_meta(ckpt) if resume else None
+    if resume and newest is not None and saved is None:
+        ckpt.restore_latest(lambda s, m: None)  # no meta reads: moves them all aside, raises
     changes: dict[str, Any] = {}
     if saved is not None:
         changes = _check_resume(cfg, out, saved[1])
@@ -278,8 +281,9 @@ def _train(
                     if last_saved[0] != step:
                         save()
                     return {"stopped_at": step}
-    except steps_lib.NonFiniteError as e:
-        history(out, "failed", step=step, reason=str(e))
+    except UserError as e:
+        with contextlib.suppress(OSError):  # e.g. the disk that failed the checkpoint is full
+            history(out, "failed", step=step, reason=str(e))
         raise
     finally:
         bar.close()

@@ -1,13 +1,14 @@
 """The jitted training steps, and the guard that keeps non-finite steps out of the state.
 
-Every step checks, inside the jitted program, that the loss and every gradient leaf are
-finite. A step that is not is never applied: `lax.cond` keeps the trainable leaves and the
-optimizer state as they were. The state's `guard` counters record it (`skipped`, the 1-based
-`first_bad` step and the index of its first non-finite gradient leaf, -1 when only the loss
-was). The host reads them only where it syncs anyway (log points, evaluations, checkpoints):
-`check` raises `NonFiniteError` under the `stop` policy, or once more than
-`train.max_skipped_steps` steps were dropped under `skip`. Under `stop`, every step after the
-first bad one is dropped too, so the state the run ends with is the last good one.
+Every step checks, inside the jitted program, that the loss and the gradients' global norm
+are finite (a NaN/Inf in any leaf makes the norm non-finite; it is the norm the metrics and
+clipping use). A step that is not is never applied: `lax.cond` keeps the trainable leaves and
+the optimizer state as they were. The state's `guard` counters record it (`skipped`, the
+1-based `first_bad` step and the index of its first non-finite gradient leaf, -1 when only the
+loss was, or the norm overflowed). The host reads them only where it syncs anyway (log points,
+evaluations, checkpoints): `check` raises `NonFiniteError` under the `stop` policy, or once
+more than `train.max_skipped_steps` steps were dropped under `skip`. Under `stop`, every step
+after the first bad one is dropped too, so the state the run ends with is the last good one.
 
 Example:
   >>> import jax.numpy as jnp, optax
@@ -55,29 +56,32 @@ def guarded_update(
     """`update(state, grads, loss) -> (state, metrics)` applying `tx` only to a finite step."""
 
     def update(state: Any, grads: Any, loss: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
-        leaves = jax.tree.leaves(grads)
-        leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves] or [jnp.bool_(True)])
-        ok = jnp.isfinite(loss) & jnp.all(leaf_ok)
+        # One reduction decides: a NaN/Inf anywhere makes the global norm non-finite. The
+        # per-leaf scan that names the culprit runs only on the (rare) dropped branch.
+        norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(norm)
         guard = state["guard"]
         apply = ok & (guard["first_bad"] < 0) if policy == "stop" else ok
 
-        def step(s: Any) -> tuple[Any, Any]:
+        def step(s: Any) -> tuple[Any, Any, jax.Array]:
             updates, opt = tx.update(grads, s["opt"], s["trainable"])
-            return optax.apply_updates(s["trainable"], updates), opt
+            return optax.apply_updates(s["trainable"], updates), opt, jnp.int32(-1)
 
-        def keep(s: Any) -> tuple[Any, Any]:
-            return s["trainable"], s["opt"]
+        def keep(s: Any) -> tuple[Any, Any, jax.Array]:
+            leaves = jax.tree.leaves(grads)
+            leaf_ok = jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves] or [jnp.bool_(True)])
+            bad = jnp.where(jnp.all(leaf_ok), -1, jnp.argmin(leaf_ok)).astype(jnp.int32)
+            return s["trainable"], s["opt"], bad
 
-        trainable, opt = jax.lax.cond(apply, step, keep, state)
+        trainable, opt, bad_leaf = jax.lax.cond(apply, step, keep, state)
         first = ~ok & (guard["first_bad"] < 0)
-        bad_leaf = jnp.where(jnp.all(leaf_ok), -1, jnp.argmin(leaf_ok)).astype(jnp.int32)
         guard = {
             "skipped": guard["skipped"] + (~ok).astype(jnp.int32),
             "first_bad": jnp.where(first, state["step"] + 1, guard["first_bad"]),
             "bad_leaf": jnp.where(first, bad_leaf, guard["bad_leaf"]),
         }
         new = {"trainable": trainable, "opt": opt, "step": state["step"] + 1, "guard": guard}
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new, {"loss": loss, "grad_norm": norm}
 
     return update
 
@@ -123,7 +127,11 @@ class Guard:
 
     def describe(self, guard: dict[str, Any]) -> str:
         first, leaf = int(guard["first_bad"]), int(guard["bad_leaf"])
-        what = f"first non-finite gradient: {self.leaf_names[leaf]}" if leaf >= 0 else "the loss"
+        what = (
+            f"first non-finite gradient: {self.leaf_names[leaf]}"
+            if leaf >= 0
+            else "the loss, or a gradient norm beyond float range"
+        )
         return f"step {first} had a non-finite loss or gradient ({what})"
 
     def check(self, state: Any, last_checkpoint: int | None) -> int:
