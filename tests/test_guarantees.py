@@ -207,17 +207,18 @@ def test_resume_records_allowed_changes_and_export_needs_no_data(finished_run, t
     resume = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()][-2]
     assert resume["event"] == "resume"
     assert resume["changes"] == {"train.learning_rate": [1e-2, 5e-3], "train.steps": [2, 3]}
-    # Export from a copy whose data source no longer exists: specs come from the checkpoint.
+    # Export reads no data and runs no pre-pass: GoRA's specs come from the checkpoint.
     import jlora.train.setup as setup_lib
+    from jlora.train import tasks
 
-    def no_prepass(*a, **k):
-        raise AssertionError("export ran the GoRA pre-pass")
+    def forbidden(*a, **k):
+        raise AssertionError("export read the training data or ran the GoRA pre-pass")
 
-    setup_lib.Setup._gora_prepass, saved = no_prepass, setup_lib.Setup._gora_prepass
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(setup_lib.Setup, "_gora_prepass", forbidden)
+        mp.setattr(tasks, "read_data", forbidden)
+        mp.setattr(tasks, "build_data", forbidden)
         path = train_export.export_run(out, "jlora", tmp_path / "export")
-    finally:
-        setup_lib.Setup._gora_prepass = saved
     assert (path / "adapter_config.json").exists()
 
 
