@@ -256,7 +256,9 @@ def _train(
                         row["skipped_steps"] = skipped
                     metrics.write(step, row)
                     if "loss" in row:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                        bar.set_postfix(
+                            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", ex_s=f"{rate:.0f}"
+                        )
                 if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
                     guard.check(state, last_saved[0])
                     eval_metrics = evaluate()
