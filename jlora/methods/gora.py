@@ -2,7 +2,10 @@
 
 1. `importance`: I_t = mean(|K_t ⊙ G_t|) with G_t the mean gradient of the pre-pass.
 2. `allocate_ranks`: with a_t = I_t / Σ I and the budget T = Σ_t (d_in + d_out)·r_ref (what
-   uniform LoRA at r_ref trains), r_t = clip(round(T·a_t / (d_in + d_out)), r_min, r_max).
+   uniform LoRA at r_ref trains), r_t = clip(floor(round(T·a_t) / (d_in + d_out)), r_min, r_max)
+   exactly as the official `get_allocated_rank` ("moderate" strategy): the parameter share is
+   rounded first (half to even, as Python's `round`), then the division is floored; a_t is
+   normalised in float32, as the official code's `torch.tensor` of importances is.
 3. init: A ~ Kaiming-uniform (d_in, r_t), `B = −ξ (AᵀA + εI)⁻¹ Aᵀ G` with ξ = γ·√d_in / alpha and
    scale s_t = alpha / √r_t, so `s·A@B = −γ·√(d_in/r_t) · P_A G`: one compressed gradient-descent
    step (the minus sign is the paper's; the official repository's latest commit dropped it).
@@ -45,15 +48,17 @@ def allocate_ranks(
     The budget of a target is what uniform LoRA at its reference rank trains; their sum is T.
     """
     r_min, r_max = rank_range
-    imp = {p: np.asarray(v, np.float64) for p, v in importances.items()}
-    total = sum(float(v.sum()) for v in imp.values())
+    imp = {p: np.asarray(v, np.float32) for p, v in importances.items()}
+    total = np.float32(sum(np.float32(v.sum(dtype=np.float32)) for v in imp.values()))
     budgets = {p: int((sum(dims[p]) * ref_ranks[p]) * imp[p].size) for p in imp}
     T = sum(budgets.values())
     ranks = {}
     for p, v in imp.items():
+        n = sum(x.size for x in imp.values())
         # Importance zero everywhere (e.g. a loss independent of the targets): uniform ranks.
-        share = v / total if total > 0 else np.full_like(v, 1.0 / sum(x.size for x in imp.values()))
-        r = np.clip(np.round(T * share / sum(dims[p])), r_min, r_max)
+        share = v / total if total > 0 else np.full_like(v, np.float32(1.0) / np.float32(n))
+        params = np.round(T * share.astype(np.float64))  # half to even, as Python's round
+        r = np.clip(np.floor(params / sum(dims[p])), r_min, r_max)
         ranks[p] = np.minimum(r, min(dims[p])).astype(np.int64)  # a rank above min(d) is waste
     return ranks, budgets
 
