@@ -160,6 +160,9 @@ class AdapterConfig:
     lora_init: str = "kaiming"
     # pissa: None = full SVD; an integer = randomized SVD with this many power iterations.
     pissa_niter: int | None = None
+    # pissa with pissa_niter: extra sketch columns beyond r (Halko et al.'s oversampling; more
+    # accurate). 0 runs PEFT's `pissa_niter_k` algorithm (`torch.svd_lowrank` with q = r).
+    pissa_oversample: int = 8
     # nlora/inttune core: "raw" (paper code: M = K[:r, :r], no residual) or "pinv" (textbook
     # Nyström core pinv(K[:r, :r]) with the residual written into the frozen kernel).
     nlora_core: str = "raw"
@@ -205,6 +208,10 @@ class AdapterConfig:
                 "pissa_niter",
                 self.pissa_niter,
                 f"None (full SVD) or an integer >= 0 (at most {MAX_SIZE})",
+            )
+        if not _is_int(self.pissa_oversample):
+            _fail(
+                "pissa_oversample", self.pissa_oversample, f"an integer >= 0 (at most {MAX_SIZE})"
             )
         if not _is_text(self.nlora_core, ("raw", "pinv")):
             _fail("nlora_core", self.nlora_core, "'raw' or 'pinv'")

@@ -3,7 +3,8 @@
 `K = U S Vᵀ`, `A = U_r √S_r / √s`, `B = √S_r V_rᵀ / √s`, so `s · A @ B` is the rank-r truncation
 of K. The frozen kernel becomes `K − s · A @ B`, computed from the factors actually used, so the
 output at init is exact even with a randomized SVD (`pissa_niter`: power iterations, seeded from
-the target's key so a reload reproduces it).
+the target's key so a reload reproduces it; `pissa_oversample` extra sketch columns, 0 for PEFT's
+`pissa_niter_k`, which runs `torch.svd_lowrank` with q = r).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def _init(
         if config.pissa_niter is None:
             U, S, Vt = linalg.top_svd(W, r)
         else:
-            U, S, Vt = linalg.randomized_svd(W, r, config.pissa_niter, k)
+            U, S, Vt = linalg.randomized_svd(
+                W, r, config.pissa_niter, k, oversample=config.pissa_oversample
+            )
         root = jnp.sqrt(S)
         return {"A": U * root / root_s, "B": root[:, None] * Vt / root_s}
 
