@@ -27,7 +27,8 @@ CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
               attention | all-linear), dropout, rslora, lora_init, pissa_niter, nlora_core,
               nlora_sampling, nlora_rcond, nola_num_basis, nola_basis, gora_rank_range, ...
   train:      steps, batch_size, grad_accum, learning_rate, head_learning_rate, warmup_steps,
-              schedule (cosine | linear | constant), weight_decay, clip_norm, eval_every,
+              schedule (cosine | linear | constant), final_lr_ratio, label_smoothing,
+              weight_decay, clip_norm, eval_every,
               eval_batch_size, log_every, seed, gora_prepass_batches, train_head, full_finetune
               nonfinite (stop | skip), max_skipped_steps
   checkpoint: every, keep

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -320,3 +321,46 @@ def test_cli_help_and_bad_config():
         text=True,
     )
     assert bad.returncode == 2 and "train.lr: unknown key" in bad.stderr
+
+
+def test_label_smoothing_matches_pytorch():
+    """`train.label_smoothing` is PyTorch's `cross_entropy(label_smoothing=ε)`, also as the
+    masked mean of the causal-LM loss."""
+    torch = pytest.importorskip("torch")
+    from jlora.train.tasks import cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 5, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (3, 5))
+    mask = rng.integers(0, 2, (3, 5))
+    for eps in (0.0, 0.1, 0.3):
+        ours = cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), eps)
+        per = torch.nn.functional.cross_entropy(
+            torch.tensor(logits).reshape(-1, 11),
+            torch.tensor(labels).reshape(-1),
+            reduction="none",
+            label_smoothing=eps,
+        ).numpy()
+        want = (per * mask.reshape(-1)).sum() / mask.sum()
+        np.testing.assert_allclose(float(ours), want, rtol=1e-6)
+
+
+def test_final_lr_ratio_and_smoothing_are_validated():
+    from jlora.train.setup import schedule
+
+    for kind in ("cosine", "linear"):
+        cfg = _cfg(
+            GSM8K_TINY,
+            train={
+                "steps": 20,
+                "warmup_steps": 4,
+                "schedule": kind,
+                "final_lr_ratio": 0.1,
+            },
+        )
+        lr = schedule(cfg, 2e-4)
+        assert math.isclose(float(lr(4)), 2e-4, rel_tol=1e-6)
+        assert math.isclose(float(lr(20)), 2e-5, rel_tol=1e-5)
+    for field, value in (("final_lr_ratio", 1.5), ("label_smoothing", 1.0)):
+        with pytest.raises(config_lib.ConfigError, match=f"train.{field}="):
+            _cfg(GSM8K_TINY, train={field: value})

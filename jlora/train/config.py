@@ -76,6 +76,10 @@ class TrainLoopConfig:
     head_learning_rate: float | None = None
     warmup_steps: int = 0
     schedule: str = "cosine"
+    # cosine/linear decay end at final_lr_ratio × the peak (GoRA's --lr-decay-ratio 0.1).
+    final_lr_ratio: float = 0.0
+    # Label smoothing ε of the training loss (targets (1 − ε)·one-hot + ε/C, as PyTorch).
+    label_smoothing: float = 0.0
     weight_decay: float = 0.0
     # Global-norm gradient clipping; None = off.
     clip_norm: float | None = 1.0
@@ -198,6 +202,10 @@ def _validate(cfg: RunConfig) -> None:
         _check(f"train.{name}", getattr(t, name) >= 0, getattr(t, name), "an integer >= 0")
     _check("train.warmup_steps", t.warmup_steps < t.steps, t.warmup_steps, "< train.steps")
     _check("train.weight_decay", t.weight_decay >= 0, t.weight_decay, "a number >= 0")
+    ratio = t.final_lr_ratio
+    _check("train.final_lr_ratio", 0 <= ratio <= 1, ratio, "a number in [0, 1]")
+    eps = t.label_smoothing
+    _check("train.label_smoothing", 0 <= eps < 1, eps, "a number in [0, 1)")
     _check("train.clip_norm", t.clip_norm is None or t.clip_norm > 0, t.clip_norm, "> 0 or null")
     _check("checkpoint.every", cfg.checkpoint.every >= 0, cfg.checkpoint.every, "an integer >= 0")
     _check("checkpoint.keep", cfg.checkpoint.keep >= 1, cfg.checkpoint.keep, "an integer >= 1")
@@ -383,6 +391,7 @@ RESUMABLE = (
     "train.head_learning_rate",
     "train.warmup_steps",
     "train.schedule",
+    "train.final_lr_ratio",
     "train.eval_every",
     "train.eval_batch_size",
     "train.log_every",

@@ -43,12 +43,21 @@ NEEDS_GRADS = ("gora",)
 
 
 def schedule(cfg: RunConfig, peak: float) -> optax.Schedule:
-    """Linear warmup to `peak`, then cosine / linear decay to 0 or constant."""
+    """Linear warmup to `peak`, then cosine / linear decay to `final_lr_ratio × peak`, or
+    constant.
+
+    Example:
+      >>> from jlora.train.config import from_dict
+      >>> cfg = from_dict({"train": {"steps": 10, "final_lr_ratio": 0.1}})
+      >>> [round(float(schedule(cfg, 1.0)(s)), 4) for s in (0, 5, 10)]
+      [1.0, 0.55, 0.1]
+    """
     t = cfg.train
     decay_steps = max(t.steps - t.warmup_steps, 1)
+    end = peak * t.final_lr_ratio
     decay = {
-        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
-        "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=t.final_lr_ratio),
+        "linear": optax.linear_schedule(peak, end, decay_steps),
         "constant": optax.constant_schedule(peak),
     }[t.schedule]
     if not t.warmup_steps:

@@ -40,10 +40,21 @@ HEAD_MODULES = ("pooler", "classifier")
 SST2_LABELS = (0, 1)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):
-    """Mean token/example cross-entropy in float32 (weighted mean when `weights` is given)."""
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """Mean token/example cross-entropy in float32 (weighted mean when `weights` is given).
+
+    With `label_smoothing` ε the target is (1 − ε)·one-hot + ε/C, as PyTorch's
+    `cross_entropy(label_smoothing=ε)`: loss = (1 − ε)·nll + ε·mean over classes of −log p.
+    """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
     if weights is None:
         return jnp.mean(nll)
     w = weights.astype(jnp.float32)
@@ -185,11 +196,12 @@ def build_data(
 
 def loss_fn(cfg: Any, model: Any) -> Callable[..., jax.Array]:
     """`loss(params, adapters, batch, rng)`; `params` already holds the trained head."""
+    smoothing = cfg.train.label_smoothing
 
     def classification(params, adapters, batch, rng):
         with inject(adapters, rng=rng):
             logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-        return cross_entropy(logits, batch["label"])
+        return cross_entropy(logits, batch["label"], label_smoothing=smoothing)
 
     def causal_lm(params, adapters, batch, rng):
         with inject(adapters, rng=rng):
@@ -197,7 +209,7 @@ def loss_fn(cfg: Any, model: Any) -> Callable[..., jax.Array]:
         # Position i predicts token i+1; loss_mask marks answer tokens (targets).
         targets = batch["input_ids"][:, 1:]
         weights = batch["loss_mask"][:, 1:]
-        return cross_entropy(logits[:, :-1], targets, weights)
+        return cross_entropy(logits[:, :-1], targets, weights, label_smoothing=smoothing)
 
     return classification if cfg.task == "sst2" else causal_lm
 
