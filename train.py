@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: {' '.join(msg.split())}", file=sys.stderr)
         return e.exit_code if isinstance(e, Interrupted) else 130
     except Exception as e:
-        from jlora.errors import UserError
-        from jlora.train.config import one_line
+        from jlora.errors import UserError, one_line
 
         if not isinstance(e, UserError | OSError):
             raise  # a bug: keep the traceback

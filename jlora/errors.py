@@ -5,12 +5,16 @@ is allowed; `train.py` prints it alone on stderr and exits with status 2 (`--deb
 `JLORA_DEBUG=1` shows the traceback). Anything else reaching `train.py` is a bug and keeps its
 traceback.
 
+`one_line` and `exception_line` make any text or exception fit such a message.
+
 Example:
-  >>> from jlora.errors import DataError, UserError
+  >>> from jlora.errors import DataError, UserError, exception_line
   >>> issubclass(DataError, UserError) and issubclass(UserError, ValueError)
   True
   >>> str(DataError("data/sst2/train.tsv line 7: label=7; allowed: 0, 1"))
   'data/sst2/train.tsv line 7: label=7; allowed: 0, 1'
+  >>> exception_line(OSError("disk   full"))
+  'OSError: disk full'
 """
 
 from __future__ import annotations
@@ -37,3 +41,14 @@ class ModelFileError(UserError):
 class CheckpointError(UserError):
     """A checkpoint or exported adapter folder is missing, damaged, non-finite, or does not fit
     the run or model it is loaded into."""
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def exception_line(e: BaseException, limit: int = 300) -> str:
+    """`"Type: message"` of an exception on one line, cut to `limit` characters."""
+    return one_line(f"{type(e).__name__}: {e}", limit)

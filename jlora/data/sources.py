@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jlora.errors import DataError
+from jlora.errors import DataError, exception_line
 
 # The repository's shipped samples (present in a clone, not in an installed wheel).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -104,12 +104,6 @@ def _alternatives() -> str:
     )
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """`"Type: message"` of an exception, whitespace collapsed and cut to `limit` characters."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _typed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Columns whose every value is an integer literal as `int`."""
     if not rows:
@@ -126,7 +120,7 @@ def _decode(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read the file ({_one_line(e)})") from None
+        raise DataError(f"{path}: cannot read the file ({exception_line(e)})") from None
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
@@ -262,7 +256,7 @@ def _read_hub(source: str, split: str) -> Table:
     except Exception as e:  # offline, unknown name, unknown split: all end up here
         raise DataNotFoundError(
             f"{source!r} is neither a local file or folder nor loadable from the Hugging Face "
-            f"hub ({origin}: {_one_line(e)}); without the hub, use a local file or folder, "
+            f"hub ({origin}: {exception_line(e)}); without the hub, use a local file or folder, "
             f"such as {_alternatives()}"
         ) from e
     table = Table(origin, [dict(r) for r in ds])

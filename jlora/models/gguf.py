@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jlora.errors import ModelFileError
+from jlora.errors import ModelFileError, exception_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -127,7 +127,7 @@ class GGUFCheckpoint:
         try:
             return GGUFReader(self.path, "r")
         except Exception as e:  # bad magic or version, truncated tensor data: all end up here
-            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            reason = exception_line(e)
             raise ModelFileError(
                 f"{self.path}: not a readable GGUF file ({reason}); it may be truncated or "
                 "corrupt: download it again"

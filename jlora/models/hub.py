@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.errors import ModelFileError
+from jlora.errors import ModelFileError, exception_line
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,6 @@ class ModelNotFoundError(ModelFileError, FileNotFoundError):
     """A model source that is no existing path, installed package or reachable hub id, or a
     folder without its config or weights (a `ModelFileError` that `except FileNotFoundError`
     catches too)."""
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """`"Type: message"` of an exception, whitespace collapsed and cut to `limit` characters."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _message(e: BaseException) -> str:
@@ -122,7 +116,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
             f"{path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})"
         ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelFileError(f"{path}: cannot read the file ({_one_line(e)})") from None
+        raise ModelFileError(f"{path}: cannot read the file ({exception_line(e)})") from None
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -136,8 +130,8 @@ def _safe_open(path: pathlib.Path) -> Any:
         return safe_open(path, framework="flax")
     except Exception as e:  # SafetensorError, OSError: the file is not what it should be
         raise ModelFileError(
-            f"{path}: not a readable safetensors file ({_one_line(e)}); it may be truncated or "
-            "corrupt: download or save it again"
+            f"{path}: not a readable safetensors file ({exception_line(e)}); it may be truncated "
+            "or corrupt: download or save it again"
         ) from None
 
 
@@ -177,7 +171,7 @@ def _safetensors_reader(
             return handles[file].get_tensor(name)
         except Exception as e:  # SafetensorError: a name the index lists but the shard lacks
             raise ModelFileError(
-                f"{folder / file}: cannot read {name!r} ({_one_line(e)})"
+                f"{folder / file}: cannot read {name!r} ({exception_line(e)})"
             ) from None
 
     return list(weight_map), read
@@ -209,7 +203,7 @@ def _tokenizer(folder: pathlib.Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # a corrupt tokenizer.json, a missing vocabulary, ...
-        raise ModelFileError(f"{folder}: cannot load its tokenizer ({_one_line(e)})") from None
+        raise ModelFileError(f"{folder}: cannot load its tokenizer ({exception_line(e)})") from None
 
 
 def _build(hf_config: dict[str, Any], num_labels: int | None) -> tuple[Any, Any]:
@@ -363,7 +357,7 @@ def _from_hub(repo_id: str) -> pathlib.Path:
             return found
         raise ModelNotFoundError(
             f"{repo_id!r} is neither a local path nor reachable on the Hugging Face hub "
-            f"({_one_line(e)}); {_ALTERNATIVES}"
+            f"({exception_line(e)}); {_ALTERNATIVES}"
         ) from e
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from jlora.errors import ConfigError
+from jlora.errors import ConfigError, one_line
 
 TASKS = ("sst2", "gsm8k")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -289,12 +289,6 @@ def check_adapter(cfg: RunConfig, targets: Any = None) -> Any:
         raise ConfigError(f"adapter.{field}={one_line(value)}: expected {one_line(allowed)}") from e
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    """`text` on one line (whitespace runs collapsed), cut to `limit` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """A validated `RunConfig` from a nested mapping (a parsed YAML file)."""
     _check("<config>", isinstance(raw, Mapping), raw, "a mapping of sections")
@@ -306,14 +300,7 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain nested dict (lists for tuples) that `from_dict` maps back to `cfg`."""
 
-    def plain(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, tuple | list):
-            return [plain(v) for v in x]
-        return x
-
-    return plain(dataclasses.asdict(cfg))
+    return to_dict_value(dataclasses.asdict(cfg))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
