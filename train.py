@@ -24,12 +24,12 @@ CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
   data:       source, train_split, eval_split, max_length, buckets, max_train_examples,
               max_eval_examples, prompt_template, max_new_tokens
   adapter:    jlora.AdapterConfig fields: method, rank, alpha, targets (regex or
-              attention | all-linear), dropout, rslora, lora_init, pissa_niter, nlora_core,
-              nlora_sampling, nlora_rcond, nola_num_basis, nola_basis, gora_rank_range, ...
+              attention | all-linear), dropout, rslora, seed, and the method's options:
+{methods}
   train:      steps, batch_size, grad_accum, learning_rate, head_learning_rate, warmup_steps,
               schedule (cosine | linear | constant), final_lr_ratio, label_smoothing,
               weight_decay, clip_norm, eval_every,
-              eval_batch_size, log_every, seed, gora_prepass_batches, train_head, full_finetune
+              eval_batch_size, log_every, seed, prepass_batches, train_head, full_finetune
               nonfinite (stop | skip), max_skipped_steps
   checkpoint: every, keep
 
@@ -38,11 +38,22 @@ traceback); 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (--resu
 """
 
 
+def config_help() -> str:
+    """`CONFIG_HELP` with every registered method and its options (from `jlora.METHODS`)."""
+    from jlora.methods import METHODS
+
+    lines = []
+    for name, method in METHODS.items():
+        options = ", ".join(method.options_class.flat_names()) or "none"
+        lines.append(f"                {name + ':':<9}{options}")
+    return CONFIG_HELP.format(methods="\n".join(lines))
+
+
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Fine-tune a pretrained model with a jlora method (or `train.py export`).",
-        epilog=CONFIG_HELP,
+        epilog=config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

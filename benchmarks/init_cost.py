@@ -62,7 +62,8 @@ def _config(name: str, rank: int, targets: str = ".*kernel") -> jlora.AdapterCon
 def _init_fn(name: str, rank: int, params: Any, grads: Any = None) -> Callable[[], Any]:
     cfg = _config(name, rank)
     key = jax.random.key(1)
-    return lambda: jlora.init(cfg, params, key, grads=grads if cfg.method == "gora" else None)
+    grads = grads if cfg.method_impl.needs_grads else None
+    return lambda: jlora.init(cfg, params, key, grads=grads)
 
 
 def _timed(fn: Callable[[], Any], budget_s: float = 1.5) -> tuple[float, float, int]:
@@ -156,7 +157,7 @@ def whole_minilm(rank: int = 16, methods=tuple(METHODS)) -> list[dict[str, Any]]
     for name in methods:
         cfg = _config(name, rank, targets)
         grads = None
-        if cfg.method == "gora":
+        if cfg.method_impl.needs_grads:
             sel = jtargets.select(params, cfg.targets, cfg.rank, cfg.alpha)
             grads = {t.path: jnp.full(flat[t.path].shape, 1e-3) for t in sel}
         fn = lambda cfg=cfg, grads=grads: jlora.init(cfg, params, jax.random.key(1), grads=grads)  # noqa: E731

@@ -266,7 +266,7 @@ def run(
     for v in variants(rank, nola_basis):
         cfg = adapter_config(w, v, rank)
         grads = None
-        if v.method == "gora":
+        if cfg.method_impl.needs_grads:
             grads, prepass = gora_prepass(w, cfg, gora_batches)
             contenders["gora pre-pass (per micro-batch)"] = prepass
             meta["gora pre-pass (per micro-batch)"] = {}

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import linalg, targets
+from jlora import targets
 from jlora.config import AdapterConfig
 from jlora.methods import METHODS, Adapter, AdapterSpec
-from jlora.methods import gora as gora_lib
 
 log = logging.getLogger("jlora")
 
@@ -47,27 +46,23 @@ def _as_key(key: jax.Array | int | None, seed: int) -> jax.Array:
 
 
 def delta_of(adapter: Adapter) -> jax.Array:
-    """ΔK = s · A @ M @ B of one adapter in fp32 (traceable)."""
-    spec = adapter.spec
-    A, M, B = METHODS[spec.method].factors(adapter.params, spec)
-    if M is not None:
-        A = linalg.mm(A, M)
-    return jnp.asarray(spec.scale_array()) * linalg.mm(A, B)
+    """ΔK of one adapter in fp32, as its method defines it (traceable)."""
+    return METHODS[adapter.spec.method].delta(adapter.params, adapter.spec)
 
 
 # Per-target static seeds (NOLA) would make every target a new compilation of the jitted helpers
 # below; they travel as a traced argument instead, so targets of one shape share one compilation.
 def _split_seed(spec: AdapterSpec) -> tuple[AdapterSpec, jax.Array | None]:
-    if spec.nola_seed is None:
+    if spec.seed is None:
         return spec, None
-    return dataclasses.replace(spec, nola_seed=None), jnp.int32(spec.nola_seed)
+    return dataclasses.replace(spec, seed=None), jnp.int32(spec.seed)
 
 
 def _with_seed(spec: AdapterSpec, seed: jax.Array | None) -> AdapterSpec:
-    return spec if seed is None else dataclasses.replace(spec, nola_seed=seed)
+    return spec if seed is None else dataclasses.replace(spec, seed=seed)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "config"))
+@functools.partial(jax.jit, static_argnames=("spec",))
 def _init_jit(
     K: jax.Array,
     key: jax.Array,
@@ -75,25 +70,37 @@ def _init_jit(
     seed: jax.Array | None,
     *,
     spec: AdapterSpec,
-    config: AdapterConfig,
 ) -> tuple[dict[str, jax.Array], jax.Array | None]:
     K32 = K.astype(jnp.float32)
     traced_spec = _with_seed(spec, seed)
-    params = METHODS[spec.method].init(K32, key, traced_spec, config, grad)
-    delta = delta_of(Adapter(params=params, spec=traced_spec))
-    return params, (K32 - delta).astype(K.dtype) if spec.residual else None
+    method = METHODS[spec.method]
+    params = method.init(K32, key, traced_spec, grad)
+    if not method.residual(spec.options):
+        return params, None
+    return params, method.unmerge(K32, params, traced_spec).astype(K.dtype)
 
 
 def _init_target(
-    K: jax.Array, key: jax.Array, grad: jax.Array | None, spec: AdapterSpec, config: AdapterConfig
+    K: jax.Array, key: jax.Array, grad: jax.Array | None, spec: AdapterSpec
 ) -> tuple[Adapter, jax.Array | None]:
     static_spec, seed = _split_seed(spec)
-    params, new_kernel = _init_jit(K, key, grad, seed, spec=static_spec, config=config)
+    params, new_kernel = _init_jit(K, key, grad, seed, spec=static_spec)
+    _check_leaves(spec, params)
     return Adapter(params=params, spec=spec), new_kernel
 
 
+def _check_leaves(spec: AdapterSpec, params: dict[str, jax.Array]) -> None:
+    """A method's `init` returns exactly the leaves its `leaves(spec)` declares, of those shapes."""
+    want = {n: leaf.shape(spec) for n, leaf in METHODS[spec.method].leaves(spec).items()}
+    got = {n: tuple(x.shape) for n, x in params.items()}
+    if got != want:
+        raise ValueError(
+            f"method {spec.method!r}: init returned leaves {got}, its leaves() declares {want}"
+        )
+
+
 def _seeded(fn: Any) -> Any:
-    """`fn(*arrays, adapter)` jitted once per shape and spec, whatever the adapter's NOLA seed."""
+    """`fn(*arrays, adapter)` jitted once per shape and spec, whatever the adapter's seed."""
 
     @jax.jit
     def traced(args: tuple, adapter: Adapter, seed: jax.Array | None) -> jax.Array:
@@ -122,32 +129,18 @@ def _grads_for(grads: Any, tgts: list[targets.Target]) -> dict[str, jax.Array]:
     return {t.path: flat[t.path] for t in tgts}
 
 
-def _spec(
-    config: AdapterConfig, t: targets.Target, tkey: jax.Array, gora: dict[str, Any] | None
-) -> AdapterSpec:
-    method = METHODS[config.method]
-    fields: dict[str, Any] = dict(
+def _spec(config: AdapterConfig, t: targets.Target) -> AdapterSpec:
+    """The generic spec of a target, before the method's `plan`."""
+    return AdapterSpec(
         method=config.method,
         rank=t.rank,
         alpha=t.alpha,
         scale=config.scale(t.rank, t.alpha),
         kernel_shape=t.shape,
         kernel_dtype=t.dtype.name,
-        trainable=method.trainable(config),
-        lr_ratios=method.lr_ratios(config),
+        options=config.options,
         dropout=float(config.dropout),
-        residual=method.residual(config),
     )
-    if config.method == "nola":
-        fields["nola_seed"] = int(jax.random.randint(tkey, (), 0, 2**31 - 1))
-        fields["nola_num_basis"] = config.nola_num_basis
-    if gora is not None:
-        ranks = gora["ranks"][t.path]
-        fields["rank"] = int(ranks.max())
-        fields["ranks"] = gora_lib.nested_tuple(ranks)
-        fields["scale"] = gora_lib.scale_of(ranks, t.alpha)
-        fields["budget"] = gora["budgets"][t.path]
-    return AdapterSpec(**fields)
 
 
 def init(
@@ -163,8 +156,8 @@ def init(
       config: the method, rank, scale and target rules.
       params: a parameter pytree (e.g. a Linen `params` collection).
       key: a PRNG key (typed or raw) or an int seed; None uses `config.seed`.
-      grads: `gora` only: the pre-pass gradients from `jlora.gradient_stats`, as `{path: G}` or a
-        pytree shaped like `params`.
+      grads: methods with `needs_grads` (`gora`) only: the pre-pass gradients from
+        `jlora.gradient_stats`, as `{path: G}` or a pytree shaped like `params`.
 
     Returns:
       `(base_params, adapters)`: the frozen parameters (a new pytree where `pissa` and the
@@ -183,33 +176,33 @@ def init(
     tgts = targets.select(params, config.targets, config.rank, config.alpha)
     key = _as_key(key, config.seed)
     flat = targets.flatten(params)
-    gflat: dict[str, jax.Array] = {}
-    gora = None
-    if config.method == "gora":
+    method = METHODS[config.method]
+    gflat: dict[str, jax.Array] | None = None
+    if method.needs_grads:
         if grads is None:
             raise ValueError(
-                "method 'gora' needs gradients: jlora.init(config, params, key, "
+                f"method {config.method!r} needs gradients: jlora.init(config, params, key, "
                 "grads=jlora.gradient_stats(loss_fn, params, batches, config))"
             )
         gflat = _grads_for(grads, tgts)
-        imps = {t.path: np.asarray(gora_lib.importance(flat[t.path], gflat[t.path])) for t in tgts}
-        ranks, budgets = gora_lib.allocate_ranks(
-            imps,
-            {t.path: t.shape[-2:] for t in tgts},
-            {t.path: t.rank for t in tgts},
-            config.gora_rank_range,
-        )
-        gora = {"ranks": ranks, "budgets": budgets}
     elif grads is not None:
-        raise ValueError(f"grads is only used by method 'gora', not {config.method!r}")
+        needing = [n for n, m in METHODS.items() if m.needs_grads]
+        raise ValueError(f"grads is only used by methods {needing}, not {config.method!r}")
 
     start = time.perf_counter()
+    keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
+    specs = method.plan(
+        {t.path: _spec(config, t) for t in tgts},
+        {t.path: flat[t.path] for t in tgts},
+        gflat,
+        keys,
+    )
     adapters: Adapters = {}
     new_kernels: dict[str, jax.Array] = {}
     for t in tgts:
-        tkey = jax.random.fold_in(key, targets.stable_hash(t.path))
-        spec = _spec(config, t, tkey, gora)
-        adapter, new_kernel = _init_target(flat[t.path], tkey, gflat.get(t.path), spec, config)
+        spec = specs[t.path]
+        grad = None if gflat is None else gflat[t.path]
+        adapter, new_kernel = _init_target(flat[t.path], keys[t.path], grad, spec)
         adapters[t.path] = adapter
         if new_kernel is not None:
             new_kernels[t.path] = new_kernel
@@ -223,9 +216,6 @@ def init(
         n_train,
         time.perf_counter() - start,
     )
-    if gora is not None:
-        budget = sum(gora["budgets"].values())
-        log.info("jlora.init: gora allocated %d parameters for a budget of %d", n_train, budget)
     return base, adapters
 
 
@@ -247,12 +237,14 @@ _delta_jit = _seeded(delta_of)
 
 @_seeded
 def _merge_one(K: jax.Array, adapter: Adapter) -> jax.Array:
-    return (K.astype(jnp.float32) + delta_of(adapter)).astype(K.dtype)
+    merged = METHODS[adapter.spec.method].merge(K.astype(jnp.float32), adapter.params, adapter.spec)
+    return merged.astype(K.dtype)
 
 
 @_seeded
 def _unmerge_one(K: jax.Array, adapter: Adapter) -> jax.Array:
-    return (K.astype(jnp.float32) - delta_of(adapter)).astype(K.dtype)
+    method = METHODS[adapter.spec.method]
+    return method.unmerge(K.astype(jnp.float32), adapter.params, adapter.spec).astype(K.dtype)
 
 
 def _kernels(params: Any, adapters: Adapters, fn_name: str) -> dict[str, jax.Array]:

@@ -27,8 +27,9 @@ def trainable_count(adapters: Adapters) -> int:
 def summary(adapters: Adapters) -> list[dict[str, Any]]:
     """One row per target: path, method, rank, kernel shape, trainable and frozen counts, scale.
 
-    GoRA rows also hold `ranks` (per stacked matrix) and `budget` (what uniform LoRA at the
-    reference rank would train on that target); their sums compare allocation with budget.
+    Rows also hold the method's per-target `spec.info`: GoRA's `ranks` (per stacked matrix) and
+    `budget` (what uniform LoRA at the reference rank would train on that target); their sums
+    compare allocation with budget.
     """
     rows = []
     trainable = trainable_leaf_sizes(adapters)
@@ -44,8 +45,6 @@ def summary(adapters: Adapters) -> list[dict[str, Any]]:
             "frozen": total - trainable[path],
             "scale": spec.scale,
         }
-        if spec.ranks is not None:
-            row["ranks"] = spec.ranks
-            row["budget"] = spec.budget
+        row.update(spec.info)
         rows.append(row)
     return rows

@@ -1,10 +1,12 @@
 """Adapter export: the compact jlora format, and PEFT LoRA folders that PyTorch loads.
 
-- **jlora** (`save_adapters` / `load_adapters`): `adapter_config.json` (the `AdapterConfig` and
-  each target's `AdapterSpec`, so adapters come back without re-running `jlora.init`) and
-  `adapters.safetensors` (tensors keyed `<target path>::<leaf>`, a trained head under
-  `extra::<path>`). Only what cannot be regenerated is stored: NOLA's offset and bases come back
-  from the seed in the spec (cached ones included), so a NOLA file holds k + l numbers per target.
+- **jlora** (`save_adapters` / `load_adapters`): `adapter_config.json` (the `AdapterConfig` with
+  the method's options flat, and each target's `AdapterSpec` with its options, seed and info, so
+  adapters come back without re-running `jlora.init`) and `adapters.safetensors` (tensors keyed
+  `<target path>::<leaf>`, a trained head under `extra::<path>`). Only what cannot be regenerated
+  is stored: leaves the method marks `regenerable` (NOLA's offset and bases) come back from the
+  seed in the spec, so a NOLA file holds k + l numbers per target. Version 2; version-1 folders
+  (every method's options in the config, method fields in each spec) still load.
   A reload has equal specs and the same pytree structure, so `merge` gives the same kernels and a
   restored optimizer state still fits. `load_adapters` checks every tensor against the saved spec
   (shape from kernel_shape, rank and method; the saved floating dtype; none missing, none extra)
@@ -61,17 +63,18 @@ from jlora.adapters import Adapters
 from jlora.config import AdapterConfig, Rule
 from jlora.errors import CheckpointError
 from jlora.methods import METHODS, Adapter, AdapterSpec
-from jlora.methods import nola as nola_lib
 
 CONFIG_FILE = "adapter_config.json"
 JLORA_FILE = "adapters.safetensors"
 PEFT_FILE = "adapter_model.safetensors"
 FORMAT = "jlora"
-VERSION = 1
+VERSION = 2
+# Versions `load_adapters` reads: 1 wrote every method's options into the config and
+# method-specific fields (nola_seed, ranks, ...) into each spec.
+READABLE_VERSIONS = (1, 2)
 _SEP = "::"
 _EXTRA = "extra"
 _PEFT_PREFIX = "base_model.model."
-_WITH_MIDDLE = ("slora", "nlora", "inttune")  # methods whose adapters have a middle matrix M
 
 # ---------------------------------------------------------------------------------------------
 # jlora format
@@ -92,13 +95,14 @@ def _tuples(x: Any) -> Any:
 
 
 def _config_to_json(config: AdapterConfig) -> dict[str, Any]:
-    out = {f.name: _jsonable(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    """The config in its flat form (the method's options as `<prefix>_<field>`)."""
+    out = {k: _jsonable(v) for k, v in config.to_flat().items()}
     out["targets"] = [dataclasses.asdict(r) for r in config.targets]
     return out
 
 
-def _fields_of(cls: type, data: Mapping[str, Any], what: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
+def _fields_of(cls: type, data: Mapping[str, Any], what: str, extra: tuple[str, ...] = ()) -> None:
+    known = {f.name for f in dataclasses.fields(cls)} | set(extra)
     unknown = sorted(set(data) - known)
     if unknown:
         raise CheckpointError(
@@ -106,36 +110,140 @@ def _fields_of(cls: type, data: Mapping[str, Any], what: str) -> None:
         )
 
 
-def _config_from_json(data: Mapping[str, Any]) -> AdapterConfig:
-    _fields_of(AdapterConfig, data, f"{CONFIG_FILE} 'config'")
+_GENERIC = ("method", "rank", "alpha", "targets", "dropout", "rslora", "seed")
+
+
+def config_from_json(data: Mapping[str, Any], version: int = VERSION) -> AdapterConfig:
+    """An `AdapterConfig` from its JSON form (`save_adapters`, checkpoint metadata).
+
+    Version 1 listed every method's options; those of other methods are dropped.
+    """
+    if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
+        raise CheckpointError(f"{CONFIG_FILE} 'config' is not an AdapterConfig: {data!r:.200}")
+    method = data["method"]
+    if method not in METHODS:
+        raise CheckpointError(
+            f"{CONFIG_FILE} 'config' has method {method!r}, which is not registered here "
+            f"(registered: {', '.join(METHODS)}); import the module that registers it first"
+        )
+    own = set(METHODS[method].options_class.flat_names())
+    if version == 1:
+        data = {k: v for k, v in data.items() if k in _GENERIC or k in own}
+    unknown = sorted(set(data) - set(_GENERIC) - own)
+    if unknown:
+        raise CheckpointError(
+            f"{CONFIG_FILE} 'config' has unknown fields {unknown}: expected AdapterConfig "
+            f"fields and the options of method {method!r} ({', '.join(sorted(own)) or 'none'})"
+        )
     kw = {k: _tuples(v) for k, v in data.items()}
     kw["targets"] = tuple(Rule(**r) for r in data["targets"])
     return AdapterConfig(**kw)
 
 
-def _spec_to_json(spec: AdapterSpec) -> dict[str, Any]:
-    return {f.name: _jsonable(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+def spec_to_json(spec: AdapterSpec) -> dict[str, Any]:
+    """One target's `AdapterSpec` as JSON (its options flat, `info` as a mapping)."""
+    out = {
+        f.name: _jsonable(getattr(spec, f.name))
+        for f in dataclasses.fields(spec)
+        if f.name not in ("options", "info")
+    }
+    out["options"] = {k: _jsonable(v) for k, v in spec.options.to_flat().items()}
+    out["info"] = {k: _jsonable(v) for k, v in spec.info}
+    return out
 
 
-def _spec_from_json(data: Mapping[str, Any], path: str) -> AdapterSpec:
-    _fields_of(AdapterSpec, data, f"{CONFIG_FILE} spec of {path!r}")
-    return AdapterSpec(**{k: _tuples(v) for k, v in data.items()})
+# Version-1 spec fields: derived now (trainable, lr_ratios, residual) or renamed.
+_V1_FIELDS = (
+    "trainable",
+    "lr_ratios",
+    "residual",
+    "nola_seed",
+    "nola_num_basis",
+    "ranks",
+    "budget",
+)
+
+
+def spec_from_json(
+    data: Mapping[str, Any], path: str, config: AdapterConfig | None = None
+) -> AdapterSpec:
+    """Inverse of `spec_to_json`; also reads version-1 specs, whose options come from `config`
+    (the config saved with them)."""
+    what = f"{CONFIG_FILE} spec of {path!r}"
+    method = data.get("method")
+    if method not in METHODS:
+        raise CheckpointError(
+            f"{what}: method {method!r} is not registered here (registered: "
+            f"{', '.join(METHODS)}); import the module that registers it first"
+        )
+    cls = METHODS[method].options_class
+    kw = {k: _tuples(v) for k, v in data.items()}
+    if "options" in kw:  # version 2
+        _fields_of(AdapterSpec, data, what)
+        names = cls.flat_names()
+        bad = sorted(set(kw["options"]) - set(names))
+        if bad:
+            raise CheckpointError(f"{what}: options {bad} are not options of method {method!r}")
+        kw["options"] = cls.from_flat(kw["options"])
+        kw["info"] = tuple(sorted(kw.get("info", {}).items()))
+        kw["info"] = tuple((k, _tuples(v)) for k, v in kw["info"])
+        return AdapterSpec(**kw)
+    _fields_of(AdapterSpec, data, what, extra=_V1_FIELDS)
+    options = config.options if config is not None and config.method == method else cls()
+    if kw.get("nola_num_basis") is not None:
+        options = dataclasses.replace(options, num_basis=kw["nola_num_basis"])
+    info = {k: kw[k] for k in ("budget", "ranks") if kw.get(k) is not None}
+    kw = {k: v for k, v in kw.items() if k not in _V1_FIELDS}
+    return AdapterSpec(
+        **kw, options=options, seed=data.get("nola_seed"), info=tuple(sorted(info.items()))
+    )
+
+
+def leaf_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every leaf an adapter of `spec` holds, from its method's `leaves(spec)`:
+    `A: (d_in, r)`, `M: (r, r)`, `B: (r, d_out)`, NOLA's `alpha: (k,)` and `beta: (l,)` (and
+    its bases when cached), ..., each with the stacked axes in front.
+
+    Example:
+      >>> import jax.numpy as jnp, jlora
+      >>> cfg = jlora.AdapterConfig(method="slora", rank=2)
+      >>> _, ad = jlora.init(cfg, {"kernel": jnp.ones((5, 3))})
+      >>> leaf_shapes(ad["kernel"].spec)
+      {'A': (5, 2), 'M': (2, 2), 'B': (2, 3)}
+    """
+    return {n: leaf.shape(spec) for n, leaf in METHODS[spec.method].leaves(spec).items()}
 
 
 def _regenerable(spec: AdapterSpec) -> tuple[str, ...]:
     """Leaves a reload recomputes from the spec instead of reading them."""
-    return nola_lib.BASIS_LEAVES if spec.method == "nola" else ()
+    return tuple(n for n, leaf in METHODS[spec.method].leaves(spec).items() if leaf.regenerable)
+
+
+def _static(spec: AdapterSpec) -> tuple[AdapterSpec, jax.Array | None]:
+    """The spec without its seed, and the seed as a traced int32 (one compilation per shape)."""
+    if spec.seed is None:
+        return spec, None
+    return dataclasses.replace(spec, seed=None), jnp.int32(spec.seed)
+
+
+def _traced(spec: AdapterSpec, seed: jax.Array | None) -> AdapterSpec:
+    return spec if seed is None else dataclasses.replace(spec, seed=seed)
 
 
 @functools.partial(jax.jit, static_argnames="spec")
-def _nola_bases(seed: jax.Array, *, spec: AdapterSpec) -> dict[str, jax.Array]:
-    # The seed is traced as in `jlora.init`, so the bases are the very same numbers.
-    return nola_lib.bases(dataclasses.replace(spec, nola_seed=seed))
+def _regen_jit(seed: jax.Array | None, *, spec: AdapterSpec) -> dict[str, jax.Array]:
+    # The seed is traced as in `jlora.init`, so the leaves are the very same numbers.
+    return METHODS[spec.method].regenerate(_traced(spec, seed))
 
 
 def _regenerate(spec: AdapterSpec) -> dict[str, jax.Array]:
-    static = dataclasses.replace(spec, nola_seed=None)
-    return _nola_bases(jnp.int32(spec.nola_seed), spec=static)
+    static, seed = _static(spec)
+    return _regen_jit(seed, spec=static)
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _factors_jit(params: dict[str, jax.Array], seed: jax.Array | None, *, spec: AdapterSpec) -> Any:
+    return METHODS[spec.method].factors(params, _traced(spec, seed))
 
 
 def _check_key(field: str, key: str) -> None:
@@ -207,7 +315,7 @@ def save_adapters(
             if name not in skip:
                 tensors[f"{p}{_SEP}{name}"] = np.asarray(leaf)
         specs[p] = {
-            "spec": _spec_to_json(a.spec),
+            "spec": spec_to_json(a.spec),
             "leaves": {name: jnp.dtype(leaf.dtype).name for name, leaf in a.params.items()},
         }
     extra = targets.flatten(extra_params) if extra_params is not None else {}
@@ -232,48 +340,19 @@ def save_adapters(
     return out
 
 
-def leaf_shapes(spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
-    """The shape of every leaf an adapter of `spec` holds (`A: (d_in, r)`, `M: (r, r)`,
-    `B: (r, d_out)`; NOLA's `alpha: (k,)`, `beta: (l,)` and its cached offset and bases), each
-    with the stacked axes in front. NOLA's basis leaves are optional (cached or regenerated).
-
-    Example:
-      >>> import jax.numpy as jnp, jlora
-      >>> cfg = jlora.AdapterConfig(method="slora", rank=2)
-      >>> _, ad = jlora.init(cfg, {"kernel": jnp.ones((5, 3))})
-      >>> leaf_shapes(ad["kernel"].spec)
-      {'A': (5, 2), 'B': (2, 3), 'M': (2, 2)}
-    """
-    stack, r, d_in, d_out = spec.stack, spec.rank, spec.d_in, spec.d_out
-    if spec.method == "nola":
-        k, l = spec.nola_num_basis
-        return {
-            "alpha": (*stack, k),
-            "beta": (*stack, l),
-            "A0": (*stack, d_in, r),
-            "A_basis": (*stack, k, d_in, r),
-            "B_basis": (*stack, l, r, d_out),
-        }
-    shapes = {"A": (*stack, d_in, r), "B": (*stack, r, d_out)}
-    if spec.method in _WITH_MIDDLE:
-        shapes["M"] = (*stack, r, r)
-    return shapes
-
-
 def _spec_summary(spec: AdapterSpec) -> str:
     return f"method={spec.method!r}, kernel_shape={spec.kernel_shape}, rank={spec.rank}"
 
 
 def _check_leaf_names(file: pathlib.Path, path: str, spec: AdapterSpec, names: Any) -> None:
-    """The saved leaf names are the method's: all of them, NOLA's bases optional."""
+    """The saved leaf names are exactly the method's `leaves(spec)`."""
     known = leaf_shapes(spec)
-    optional = set(_regenerable(spec))
     unknown = sorted(set(names) - set(known))
-    missing = sorted(set(known) - optional - set(names))
+    missing = sorted(set(known) - set(names))
     if unknown or missing:
         raise CheckpointError(
             f"{file}: target {path!r} lists leaves {sorted(names)}; {_spec_summary(spec)} "
-            f"has leaves {sorted(set(known) - optional)} (unknown: {unknown}, missing: {missing})"
+            f"has leaves {sorted(known)} (unknown: {unknown}, missing: {missing})"
         )
 
 
@@ -302,10 +381,11 @@ def _read_doc(folder: pathlib.Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
     info = doc if isinstance(doc, dict) else {}
-    if info.get("format") != FORMAT or info.get("version") != VERSION:
+    if info.get("format") != FORMAT or info.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{file}: format={info.get('format')!r} version={info.get('version')!r}"
-            f", expected format={FORMAT!r} version={VERSION} (a PEFT folder? use peft to load it)"
+            f", expected format={FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))} "
+            "(a PEFT folder? use peft to load it)"
         )
     return doc
 
@@ -323,10 +403,14 @@ def _read_tensors(file: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _load_target(
-    file: pathlib.Path, path: str, entry: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+    file: pathlib.Path,
+    path: str,
+    entry: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    config: AdapterConfig,
 ) -> Adapter:
     """One target's adapter, every stored tensor checked against its saved spec."""
-    spec = _spec_from_json(entry["spec"], path)
+    spec = spec_from_json(entry["spec"], path, config)
     _check_leaf_names(file, path, spec, entry["leaves"])
     shapes = leaf_shapes(spec)
     leaves: dict[str, jax.Array] = {}
@@ -365,7 +449,8 @@ def load_adapters(
     doc = _read_doc(folder)
     file = folder / JLORA_FILE
     tensors = _read_tensors(file)
-    adapters = {p: _load_target(file, p, e, tensors) for p, e in doc["targets"].items()}
+    config = config_from_json(doc["config"], doc["version"])
+    adapters = {p: _load_target(file, p, e, tensors, config) for p, e in doc["targets"].items()}
     owned = {f"{p}{_SEP}{name}" for p, e in doc["targets"].items() for name in e["leaves"]}
     extra = None
     if doc.get("extra_params") is not None:
@@ -383,7 +468,7 @@ def load_adapters(
             f"{file}: unexpected tensors {stray[:3]}{' ...' if len(stray) > 3 else ''} "
             f"({len(stray)} in all) that no target leaf or extra parameter of {CONFIG_FILE} owns"
         )
-    return adapters, _config_from_json(doc["config"]), extra, dict(doc.get("metadata") or {})
+    return adapters, config, extra, dict(doc.get("metadata") or {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,10 +477,8 @@ def load_adapters(
 
 def _lora_factors(adapter: Adapter) -> tuple[np.ndarray, np.ndarray]:
     """`(A, B)` in float64 with `ΔK = s · A @ B` (the middle matrix folded into B)."""
-    spec, leaves = adapter.spec, adapter.params
-    if spec.method == "nola" and not set(nola_lib.BASIS_LEAVES) <= set(leaves):
-        leaves = {**leaves, **_regenerate(spec)}  # one compilation per shape, shared with loads
-    A, M, B = METHODS[spec.method].factors(leaves, spec)
+    static, seed = _static(adapter.spec)
+    A, M, B = _factors_jit(adapter.params, seed, spec=static)
     A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
     if M is not None:
         B = np.asarray(M, np.float64) @ B
@@ -408,7 +491,9 @@ def fold(
     """`(A', B')` in float64 with `ΔK' = s · A' @ B'` relative to the ORIGINAL kernel.
 
     For a method whose init rewrote the frozen kernel (`spec.residual`), `initial` is the adapter
-    `jlora.init` returned for this target; the result has rank 2r: `[A, A0] @ [B; −B0]`.
+    `jlora.init` returned for this target; the result has rank 2r: `[A, A0] @ [B; −B0]`. For
+    DoRA these are the factors of the direction `K + s·A'@B'` (PEFT's lora_A / lora_B); the
+    magnitude comes from `Method.peft_extra`.
 
     Example:
       >>> import jax.numpy as jnp, jlora
@@ -502,6 +587,20 @@ def _float32(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, np.float32)
 
 
+def _same_fields(fields: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The `adapter_config.json` fields every target's method sets (`Method.peft_extra`): one
+    config holds them all, so targets that disagree (DoRA mixed with LoRA) cannot be exported."""
+    (first, want), *rest = fields.items()
+    for p, got in rest:
+        if got != want:
+            raise ValueError(
+                f"adapters {first!r} and {p!r} need different PEFT config fields ({want} vs "
+                f"{got}, from methods' peft_extra): one PEFT folder has one adapter_config.json; "
+                "export them separately"
+            )
+    return dict(want)
+
+
 def to_peft(
     model: Any,
     adapters: Adapters,
@@ -512,6 +611,10 @@ def to_peft(
     base_model_name_or_path: str | None = None,
 ) -> pathlib.Path:
     """Writes a PEFT LoRA folder equal to the jlora-adapted model (see the module docstring).
+
+    A method that needs more than lora_A / lora_B adds its tensors and `adapter_config.json`
+    fields through `Method.peft_extra` (DoRA: `lora_magnitude_vector` and `use_dora=True`); every
+    target must then set the same fields.
 
     Args:
       model: the jlora model (`Bert` or `Llama`-family) whose parameters the adapters target.
@@ -562,6 +665,7 @@ def to_peft(
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float | int] = {}
+    fields: dict[str, dict[str, Any]] = {}  # adapter_config.json fields of each target's method
     for p, adapter in adapters.items():
         A, B = fold(p, adapter, initial_adapters.get(p))
         module = hf_module(model, _linen_module(p))
@@ -570,6 +674,10 @@ def to_peft(
         tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = _float32(B.T)
         ranks[module] = r
         alphas[module] = _number(float(adapter.spec.scale) * r)
+        fields[p], extra = METHODS[adapter.spec.method].peft_extra(adapter.params, adapter.spec)
+        for name, leaf in extra.items():
+            tensors[f"{_PEFT_PREFIX}{module}.{name}"] = _float32(np.asarray(leaf))
+    config_fields = _same_fields(fields)
     modules_to_save = None
     if extra_params is not None:
         modules_to_save = sorted(hf_module(model, top) for top in extra_params)
@@ -609,6 +717,7 @@ def to_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
+        **config_fields,
     }
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save_file

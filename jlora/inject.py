@@ -1,8 +1,9 @@
 """The factored path: adapters inside any Flax Linen model, without forming ΔK.
 
 `jlora.inject(adapters)` intercepts `nn.Dense` / `nn.DenseGeneral` calls (through
-`flax.linen.intercept_methods`) whose kernel path has an adapter, and adds
-`s · ((drop(x) @ A) @ M) @ B` to their output. The model's code is not touched, so it works for
+`flax.linen.intercept_methods`) whose kernel path has an adapter, and replaces
+their output `y` by the method's `output` (for low-rank methods `y + s · ((drop(x) @ A) @ M) @ B`,
+never forming ΔK). The model's code is not touched, so it works for
 third-party Linen models too. The adapter of a module at `module.path == ("enc", "q")` is the one
 keyed `"enc/q/kernel"` (or `"params/enc/q/kernel"` if the adapters were made from a whole
 variables dict).
@@ -42,26 +43,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jlora import targets
 from jlora.adapters import Adapters
-from jlora.lowrank import lowrank
-from jlora.methods import METHODS, Adapter
+from jlora.methods import METHODS, Adapter, Layer
 
 _SHOWN = 3  # unmatched adapters named in the strict-mode error
-
-
-def factored_delta(x: jax.Array, adapter: Adapter, dtype: Any, key: jax.Array | None) -> jax.Array:
-    """`s · ((drop(x) @ A) @ M) @ B` in `dtype`; dropout only when `key` is given."""
-    spec = adapter.spec
-    A, M, B = METHODS[spec.method].factors(adapter.params, spec)
-    if key is not None and spec.dropout > 0:
-        keep = 1.0 - spec.dropout
-        mask = jax.random.bernoulli(key, keep, x.shape)
-        x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-    M = None if M is None else M.astype(dtype)
-    return lowrank(x.astype(dtype), A.astype(dtype), M, B.astype(dtype), spec.scale)
 
 
 def last_axis_matmul(module: nn.Dense | nn.DenseGeneral) -> bool:
@@ -176,7 +163,8 @@ def inject(
         y = next_fun(*args, **kwargs)
         key = None if rng is None else jax.random.fold_in(rng, targets.stable_hash(path))
         used.add(path)
-        return y + factored_delta(x, adapter, y.dtype, key)
+        layer = Layer(lambda name: module.get_variable("params", name))
+        return METHODS[adapter.spec.method].output(x, y, layer, adapter.params, adapter.spec, key)
 
     # An exception of the body propagates out of `yield`, so the checks below never mask it.
     with nn.intercept_methods(interceptor):

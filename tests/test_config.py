@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 import jlora
 from jlora import targets
+from jlora.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -38,9 +40,44 @@ from jlora import targets
     ],
 )
 def test_invalid_values_name_field_value_and_allowed(field, value, allowed):
+    owners = jlora.methods.option_names().get(field)
+    method = {"method": owners[0]} if owners and field != "method" else {}
     with pytest.raises(ValueError, match=rf"AdapterConfig\.{field}.*{allowed}") as e:
-        jlora.AdapterConfig(**{field: value})
+        jlora.AdapterConfig(**method, **{field: value})
     assert repr(value) in str(e.value)
+
+
+def test_options_are_per_method_and_flat_names_round_trip():
+    from jlora.methods.nola import NolaOptions
+
+    cfg = jlora.AdapterConfig(method="nola", rank=2, nola_num_basis=[4, 3])
+    assert cfg.options == NolaOptions(num_basis=(4, 3)) and not hasattr(cfg.options, "gamma")
+    assert cfg == jlora.AdapterConfig(method="nola", rank=2, options={"num_basis": (4, 3)})
+    assert cfg == jlora.AdapterConfig(method="nola", rank=2, options=NolaOptions(num_basis=(4, 3)))
+    assert jlora.AdapterConfig(**cfg.to_flat()) == cfg
+    assert hash(cfg) == hash(jlora.AdapterConfig(**cfg.to_flat()))
+    assert dataclasses.replace(cfg, rank=4).options == cfg.options
+
+
+def test_misplaced_unknown_and_mismatched_options_fail_naming_the_field():
+    with pytest.raises(
+        ConfigError,
+        match=r"AdapterConfig\.gora_rank_range=\(4, 8\) is invalid.*"
+        r"no such option for method 'lora' \(an option of gora; lora's options: "
+        r"lora_init\)",
+    ):
+        jlora.AdapterConfig(method="lora", gora_rank_range=(4, 8))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nola_bases'"):
+        jlora.AdapterConfig(method="nola", nola_bases=(4, 3))
+    from jlora.methods.nola import NolaOptions
+
+    with pytest.raises(ConfigError, match=r"AdapterConfig\.options=.*a GoraOptions"):
+        jlora.AdapterConfig(method="gora", options=NolaOptions())
+    with pytest.raises(ConfigError, match=r"AdapterConfig\.options=.*not 'gamma'"):
+        jlora.AdapterConfig(method="nola", options={"gamma": 1.0})
+    # an option is validated however it is given
+    with pytest.raises(ConfigError, match=r"AdapterConfig\.nola_basis='disk'"):
+        NolaOptions(basis="disk")
 
 
 def test_random_sampling_needs_pinv_core():

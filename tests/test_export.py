@@ -115,6 +115,45 @@ def test_jlora_format_nola_stores_only_coefficients(tmp_path, stacked_params):
     assert sizes["nola"] * 5 < sizes["lora"], sizes
 
 
+def _as_version_1(folder, cfg, adapters) -> None:
+    """Rewrites a folder's adapter_config.json as version 1 wrote it: every method's options in
+    the config, method-specific fields (nola_seed, ranks, ...) and derived ones in each spec."""
+    file = folder / export.CONFIG_FILE
+    doc = json.loads(file.read_text())
+    doc["version"] = 1
+    defaults = {}
+    for method in ("lora", "pissa", "nlora", "nola", "gora"):
+        defaults.update(jlora.METHODS[method].options_class().to_flat())
+    doc["config"] = {**export._jsonable(defaults), **doc["config"]}
+    for p, entry in doc["targets"].items():
+        spec, a = entry["spec"], adapters[p].spec
+        options, info, seed = spec.pop("options"), spec.pop("info"), spec.pop("seed")
+        spec.update(
+            trainable=list(a.trainable),
+            lr_ratios=[list(x) for x in a.lr_ratios],
+            residual=a.residual,
+            nola_seed=seed,
+            nola_num_basis=options.get("nola_num_basis"),
+            ranks=info.get("ranks"),
+            budget=info.get("budget"),
+        )
+    file.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("variant", ["nola_cache", "gora", "nlora_pinv"])
+def test_load_adapters_reads_version_1(tmp_path, stacked_params, variant):
+    cfg, _base, adapters = _init(variant, stacked_params, targets="layers/mlp/kernel")
+    adapters = _perturb(adapters)
+    folder = export.save_adapters(tmp_path / variant, adapters, cfg)
+    _as_version_1(folder, cfg, adapters)
+    loaded, cfg2, _, _ = export.load_adapters(folder)
+    assert cfg2 == cfg
+    for p, a in adapters.items():
+        assert loaded[p].spec == a.spec
+        for name, leaf in a.params.items():
+            np.testing.assert_array_equal(loaded[p].params[name], leaf, err_msg=f"{p} {name}")
+
+
 def test_load_adapters_rejects_peft_folder(tmp_path):
     (tmp_path / export.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ValueError, match="format=None"):

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jlora.config import MAX_SIZE, METHODS, AdapterConfig, Rule
+from jlora.methods import option_names
 from jlora.errors import ConfigError, UserError
 from jlora.train import config as run_config
 
@@ -40,7 +41,9 @@ INT64 = (-(2**63), 2**63 - 1)
 # ---------------------------------------------------------------------------------------------
 # Values: broad on purpose (wrong types, non-finite and huge numbers, nested garbage).
 
-FIELDS = [f.name for f in dataclasses.fields(AdapterConfig)]
+# Keywords AdapterConfig takes: its generic fields and every method's flat options.
+GENERIC = [f.name for f in dataclasses.fields(AdapterConfig) if f.name != "options"]
+FIELDS = [*GENERIC, *option_names()]
 UNKNOWN = ["rnak", "mehtod", "lr", "target", "alpha_", "dropout_rate"]
 WORDS = [
     *METHODS,
@@ -127,8 +130,11 @@ def _good(name: str) -> list[Any]:
     """Accepted values of an `AdapterConfig` field (its default for a field `GOOD` lacks)."""
     if name in GOOD:
         return GOOD[name]
-    field = next(f for f in dataclasses.fields(AdapterConfig) if f.name == name)
-    return [field.default]
+    fields = [f for f in dataclasses.fields(AdapterConfig) if f.name == name]
+    if fields:
+        return [fields[0].default]
+    owner = METHODS[option_names()[name][0]].options_class
+    return [owner().to_flat()[name]]
 
 
 def _field_values(name: str) -> st.SearchStrategy[Any]:
@@ -140,10 +146,14 @@ def _field_values(name: str) -> st.SearchStrategy[Any]:
 
 @st.composite
 def adapter_kwargs(draw: st.DrawFn) -> dict[str, Any]:
-    """`AdapterConfig` keywords: mostly accepted values, up to three fuzzed fields, and now
-    and then an unknown keyword."""
-    optional = {name: st.sampled_from(_good(name)) for name in FIELDS}
-    kw: dict[str, Any] = draw(st.fixed_dictionaries({}, optional=optional))
+    """`AdapterConfig` keywords: mostly accepted values (a method and its own options), up to
+    three fuzzed fields (any field or option, so also misplaced options), and now and then an
+    unknown keyword."""
+    method = draw(st.sampled_from(list(METHODS)))
+    own = METHODS[method].options_class.flat_names()
+    optional = {name: st.sampled_from(_good(name)) for name in [*GENERIC[1:], *own]}
+    kw: dict[str, Any] = {"method": method}
+    kw.update(draw(st.fixed_dictionaries({}, optional=optional)))
     for name in draw(st.lists(st.sampled_from(FIELDS), max_size=3, unique=True)):
         kw[name] = draw(_field_values(name))
     if draw(st.integers(0, 4)) == 0:
@@ -187,11 +197,12 @@ def _numbers(x: Any) -> Iterator[int | float]:
 
 def _assert_usable(cfg: AdapterConfig) -> None:
     """A config that validated: hashable, typed, finite, and its scales finite."""
-    assert hash(cfg) == hash(AdapterConfig(**{f: getattr(cfg, f) for f in FIELDS}))
+    flat = cfg.to_flat()
+    assert AdapterConfig(**flat) == cfg and hash(cfg) == hash(AdapterConfig(**flat))
     assert repr(cfg)
-    for f in FIELDS:
-        for v in _numbers(getattr(cfg, f)):
-            assert math.isfinite(v), f"AdapterConfig.{f}={getattr(cfg, f)!r} is not finite"
+    for f, value in flat.items():
+        for v in _numbers(value):
+            assert math.isfinite(v), f"AdapterConfig.{f}={value!r} is not finite"
     assert isinstance(cfg.method, str) and type(cfg.rank) is int
     assert isinstance(cfg.targets, tuple) and cfg.targets
     for rule in cfg.targets:
@@ -200,10 +211,12 @@ def _assert_usable(cfg: AdapterConfig) -> None:
         alpha = cfg.alpha if rule.alpha is None else rule.alpha
         assert math.isfinite(cfg.scale(rank, alpha))
     for f in ("alpha", "dropout", "nlora_rcond", "gora_gamma", "gora_lr_ratio"):
-        assert type(getattr(cfg, f)) is float, f
+        assert f not in flat or type(flat[f]) is float, f
     for f in ("nola_num_basis", "gora_rank_range"):
-        pair = getattr(cfg, f)
-        assert isinstance(pair, tuple) and len(pair) == 2 and all(type(v) is int for v in pair)
+        if f in flat:
+            pair = flat[f]
+            assert isinstance(pair, tuple) and len(pair) == 2
+            assert all(type(v) is int for v in pair)
     assert isinstance(cfg.rslora, bool)
     assert type(cfg.seed) is int and INT64[0] <= cfg.seed <= INT64[1]  # jax.random.key's range
 

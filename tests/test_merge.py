@@ -101,7 +101,8 @@ def test_delta_shapes(stacked_params):
 def test_fuzz_init_merge(variant, stack, d_in, d_out, rank, seed):
     K = jax.random.normal(jax.random.key(seed), (*stack, d_in, d_out))
     params = {"m": {"kernel": K}}
-    cfg = make_config(variant, rank=rank, gora_rank_range=(1, 3))
+    extra = {"gora_rank_range": (1, 3)} if VARIANTS[variant]["method"] == "gora" else {}
+    cfg = make_config(variant, rank=rank, **extra)
     grads = {"m/kernel": jnp.cos(K)} if cfg.method == "gora" else None
     base, adapters = jlora.init(cfg, params, jax.random.key(seed), grads=grads)
     a = adapters["m/kernel"]

