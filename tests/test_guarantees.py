@@ -214,7 +214,7 @@ def test_resume_records_allowed_changes_and_export_needs_no_data(tmp_path):
         raise AssertionError("export read the training data or ran the GoRA pre-pass")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(setup_lib.Setup, "_gora_prepass", forbidden)
+        mp.setattr(setup_lib.Setup, "_prepass", forbidden)
         mp.setattr(tasks, "read_data", forbidden)
         mp.setattr(tasks, "build_data", forbidden)
         path = train_export.export_run(out, "jlora", tmp_path / "export")
