@@ -19,7 +19,7 @@ from jlora.errors import ConfigError
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("method", "dora", "one of lora, pissa"),
+        ("method", "qlora", "one of lora, pissa"),
         ("rank", 0, "integer >= 1"),
         ("rank", 2.5, "integer >= 1"),
         ("alpha", -1.0, "> 0"),

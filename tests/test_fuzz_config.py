@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jlora.config import MAX_SIZE, METHODS, AdapterConfig, Rule
-from jlora.methods import option_names
 from jlora.errors import ConfigError, UserError
+from jlora.methods import option_names
 from jlora.train import config as run_config
 
 FUZZ = settings(

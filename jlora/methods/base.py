@@ -346,7 +346,7 @@ class Registry(Mapping[str, Method]):
     Example:
       >>> from jlora.methods import METHODS
       >>> list(METHODS)[:3]
-      ['lora', 'pissa', 'slora']
+      ['lora', 'pissa', 'dora']
     """
 
     def __init__(self) -> None:
