@@ -156,7 +156,7 @@ def init(
       config: the method, rank, scale and target rules.
       params: a parameter pytree (e.g. a Linen `params` collection).
       key: a PRNG key (typed or raw) or an int seed; None uses `config.seed`.
-      grads: methods with `needs_grads` (`gora`) only: the pre-pass gradients from
+      grads: methods with `needs_grads` (`gora`, `loraga`) only: the pre-pass gradients from
         `jlora.gradient_stats`, as `{path: G}` or a pytree shaped like `params`.
 
     Returns:

@@ -154,5 +154,5 @@ def gradient_stats(
         if log_every and n % log_every == 0:
             log.info("gradient_stats: %d batches, %.1fs", n, time.perf_counter() - start)
     if n == 0:
-        raise ValueError("gradient_stats: batches is empty; GoRA needs at least one micro-batch")
+        raise ValueError("gradient_stats: batches is empty; a pre-pass needs a micro-batch")
     return {p: a / n for p, a in acc.items()}

@@ -5,11 +5,11 @@ line below is the registry's list of built-in methods, in `METHODS` order.
 
 Example:
   >>> from jlora.methods import METHODS
-  >>> list(METHODS)[:8]
-  ['lora', 'pissa', 'dora', 'slora', 'nlora', 'inttune', 'nola', 'gora']
+  >>> list(METHODS)[:10]
+  ['lora', 'pissa', 'dora', 'slora', 'nlora', 'inttune', 'nola', 'vera', 'gora', 'loraga']
 """
 
-from jlora.methods import lora, pissa, dora, slora, nola, gora  # noqa: F401, I001 (registers them)
+from jlora.methods import lora, pissa, dora, slora, nola, vera, gora, loraga  # noqa: F401, I001
 from jlora.methods.base import (
     IN,
     METHODS,

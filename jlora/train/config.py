@@ -88,7 +88,7 @@ class TrainLoopConfig:
     eval_batch_size: int = 64
     log_every: int = 10
     seed: int = 0
-    # Methods that need gradients (gora): micro-batches of the gradient pre-pass before init.
+    # Methods that need gradients (gora, loraga): micro-batches of the pre-pass before init.
     # (`gora_prepass_batches`, its former name, is still read.)
     prepass_batches: int = 8
     # Train the classification head (SST-2) along with the adapters.
