@@ -141,7 +141,8 @@ def test_padded_batch_matches_unpadded(stories):
 def test_adapters_on_a_real_model(stories, method, targets):
     model, params, tok = stories
     ids = jnp.array([tok.encode("One day, a little bird")])
-    cfg = jlora.AdapterConfig(method=method, rank=4, targets=targets, nola_num_basis=(32, 32))
+    extra = {"nola_num_basis": (32, 32)} if method == "nola" else {}
+    cfg = jlora.AdapterConfig(method=method, rank=4, targets=targets, **extra)
     base, adapters = jlora.init(cfg, params, jax.random.key(0))
     rng = iter(jax.random.split(jax.random.key(1), 1000))
     adapters = {

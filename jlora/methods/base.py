@@ -355,8 +355,11 @@ class Registry(Mapping[str, Method]):
     def __getitem__(self, name: str) -> Method:
         try:
             return self._methods[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name (a list from YAML)
             raise KeyError(f"unknown method {name!r}; registered: {', '.join(self)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._methods
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._methods)
