@@ -52,13 +52,15 @@ def delta_of(adapter: Adapter) -> jax.Array:
 
 # Per-target static seeds (NOLA) would make every target a new compilation of the jitted helpers
 # below; they travel as a traced argument instead, so targets of one shape share one compilation.
-def _split_seed(spec: AdapterSpec) -> tuple[AdapterSpec, jax.Array | None]:
+def split_seed(spec: AdapterSpec) -> tuple[AdapterSpec, jax.Array | None]:
+    """The spec without its seed (static), and the seed as a traced int32 (or None)."""
     if spec.seed is None:
         return spec, None
     return dataclasses.replace(spec, seed=None), jnp.int32(spec.seed)
 
 
-def _with_seed(spec: AdapterSpec, seed: jax.Array | None) -> AdapterSpec:
+def with_seed(spec: AdapterSpec, seed: jax.Array | None) -> AdapterSpec:
+    """Inverse of `split_seed` (inside a jitted function: the spec with the traced seed)."""
     return spec if seed is None else dataclasses.replace(spec, seed=seed)
 
 
@@ -72,7 +74,7 @@ def _init_jit(
     spec: AdapterSpec,
 ) -> tuple[dict[str, jax.Array], jax.Array | None]:
     K32 = K.astype(jnp.float32)
-    traced_spec = _with_seed(spec, seed)
+    traced_spec = with_seed(spec, seed)
     method = METHODS[spec.method]
     params = method.init(K32, key, traced_spec, grad)
     if not method.residual(spec.options):
@@ -83,7 +85,7 @@ def _init_jit(
 def _init_target(
     K: jax.Array, key: jax.Array, grad: jax.Array | None, spec: AdapterSpec
 ) -> tuple[Adapter, jax.Array | None]:
-    static_spec, seed = _split_seed(spec)
+    static_spec, seed = split_seed(spec)
     params, new_kernel = _init_jit(K, key, grad, seed, spec=static_spec)
     _check_leaves(spec, params)
     return Adapter(params=params, spec=spec), new_kernel
@@ -104,11 +106,11 @@ def _seeded(fn: Any) -> Any:
 
     @jax.jit
     def traced(args: tuple, adapter: Adapter, seed: jax.Array | None) -> jax.Array:
-        return fn(*args, adapter.replace(spec=_with_seed(adapter.spec, seed)))
+        return fn(*args, adapter.replace(spec=with_seed(adapter.spec, seed)))
 
     def call(*args: Any) -> jax.Array:
         *arrays, adapter = args
-        spec, seed = _split_seed(adapter.spec)
+        spec, seed = split_seed(adapter.spec)
         return traced(tuple(arrays), adapter.replace(spec=spec), seed)
 
     return call

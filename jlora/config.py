@@ -26,27 +26,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jlora.methods import METHODS, Options, option_names
-from jlora.validation import (
-    MAX_SIZE,
-    SEED_RANGE,
-    fail,
-    is_int,
-    is_number,
-    is_sequence,
-    is_text,
-    one_line,
-)
+from jlora.validation import MAX_SIZE, SEED_RANGE
+from jlora.validation import fail as _fail
+from jlora.validation import is_int as _is_int
+from jlora.validation import is_number as _is_number
+from jlora.validation import is_sequence as _is_sequence
+from jlora.validation import is_text as _is_text
+from jlora.validation import one_line as _one_line
 
 __all__ = ["MAX_SIZE", "METHODS", "SEED_RANGE", "AdapterConfig", "Rule"]
-
-_fail, _is_int, _is_number, _is_text, _is_sequence, _one_line = (
-    fail,
-    is_int,
-    is_number,
-    is_text,
-    is_sequence,
-    one_line,
-)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

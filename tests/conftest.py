@@ -117,3 +117,66 @@ def init_variant(variant: str, params, key=0, **overrides):
     cfg = make_config(variant, **overrides)
     grads = fake_grads(params) if cfg.method == "gora" else None
     return jlora.init(cfg, params, jax.random.key(key), grads=grads)
+
+
+# Tiny transformers configs of the PEFT parity tests (PyTorch twin of a jlora model).
+HF_TINY = {
+    "bert": dict(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        num_labels=2,
+    ),
+    "llama": dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    ),
+}
+
+
+def randomise_torch(torch, model, std: float = 0.1) -> None:
+    """Pretrained-like magnitudes: every weight and bias non-trivial, norms near 1."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "LayerNorm.weight" in n or "norm.weight" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, std)
+
+
+def hf_twin(family: str, **overrides):
+    """`(torch, hf_config, transformers model, jlora model, jlora params)`: a tiny randomised
+    `BertForSequenceClassification` or `LlamaForCausalLM` (`HF_TINY[family]` with `overrides`)
+    and the jlora model with the same weights. Skips without torch or PEFT."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import transformers
+
+    if family == "bert":
+        from jlora.models.bert import Bert, config_from_hf, params_from_hf
+
+        hf_cfg = transformers.BertConfig(**{**HF_TINY["bert"], **overrides})
+        tm = transformers.BertForSequenceClassification(hf_cfg).eval()
+        randomise_torch(torch, tm)
+        sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+        cfg = config_from_hf(hf_cfg.to_dict(), num_labels=hf_cfg.num_labels)
+        return torch, hf_cfg, tm, Bert(cfg), params_from_hf(cfg, sd, sd.__getitem__)
+    from jlora.models.llama import Llama
+    from jlora.models.llama import params as lp
+
+    hf_cfg = transformers.LlamaConfig(**{**HF_TINY["llama"], **overrides})
+    hf_cfg._attn_implementation = "eager"
+    tm = transformers.LlamaForCausalLM(hf_cfg).eval()
+    randomise_torch(torch, tm)
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    cfg = lp.config_from_hf(hf_cfg.to_dict())
+    return torch, hf_cfg, tm, Llama(cfg), lp.params_from_hf(cfg, sd, sd.__getitem__)

@@ -22,8 +22,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import jlora
-from jlora import export, validation
+from jlora import persist, validation
 from jlora.errors import ConfigError
+from jlora.interop import peft as jpeft
 from jlora.methods import IN, METHODS, OUT, RANK, AdapterSpec, Leaf, Method, Options
 
 
@@ -179,19 +180,19 @@ def test_jlora_format_stores_no_regenerable_leaf(setup, tmp_path):
         p: a.replace(params={**a.params, "d": jnp.asarray(rng.normal(size=a.params["d"].shape))})
         for p, a in adapters.items()
     }
-    folder = export.save_adapters(tmp_path / "toy", trained, cfg)
-    stored = load_file(str(folder / export.JLORA_FILE))
+    folder = persist.save_adapters(tmp_path / "toy", trained, cfg)
+    stored = load_file(str(folder / persist.JLORA_FILE))
     assert sorted(stored) == sorted(f"{p}::{n}" for p in trained for n in ("d", "B"))
-    doc = json.loads((folder / export.CONFIG_FILE).read_text())
+    doc = json.loads((folder / persist.CONFIG_FILE).read_text())
     assert doc["config"]["toy_init_d"] == 0.25
     assert doc["targets"]["up/kernel"]["spec"]["options"] == {"toy_init_d": 0.25}
-    loaded, cfg2, _, _ = export.load_adapters(folder)
+    loaded, cfg2, _, _ = persist.load_adapters(folder)
     assert cfg2 == cfg
     for p, a in trained.items():
         assert loaded[p].spec == a.spec
         for n, v in a.params.items():
             np.testing.assert_array_equal(loaded[p].params[n], v)
-    A, B = export.fold("up/kernel", trained["up/kernel"])
+    A, B = jpeft.fold("up/kernel", trained["up/kernel"])
     np.testing.assert_allclose(
         trained["up/kernel"].spec.scale * A @ B, jlora.delta(trained)["up/kernel"], atol=1e-6
     )

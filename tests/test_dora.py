@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import hf_twin
 
 import jlora
-import jlora.methods.dora  # registers "dora" (until jlora.methods imports it)
 import jlora.models as jm
 from benchmarks import dora_cost
-from jlora import export, targets
+from jlora import persist, targets
+from jlora.interop import peft as jpeft
 from jlora.methods import METHODS, option_names
 from jlora.methods.base import dropout
 from jlora.methods.dora import column_norm
@@ -237,7 +238,7 @@ def test_dropout_only_in_the_training_path():
 def test_jlora_format_round_trip(tmp_path, net_dora):
     _, _, adapters, _ = net_dora
     cfg = jlora.AdapterConfig(method="dora", rank=4, alpha=8)
-    loaded, cfg2, _, _ = export.load_adapters(export.save_adapters(tmp_path, adapters, cfg))
+    loaded, cfg2, _, _ = persist.load_adapters(persist.save_adapters(tmp_path, adapters, cfg))
     assert cfg2 == cfg
     for p, a in adapters.items():
         assert loaded[p].spec == a.spec
@@ -263,7 +264,7 @@ def test_to_peft_refuses_dora_mixed_with_lora(tmp_path):
     _, lora = jlora.init(jlora.AdapterConfig(method="lora", rank=2, targets=q), params, 0)
     _, dora = jlora.init(jlora.AdapterConfig(method="dora", rank=2, targets=v), params, 0)
     with pytest.raises(ValueError, match=r"different PEFT config fields .*use_dora"):
-        export.to_peft(model, {**lora, **dora}, tmp_path / "out")
+        jpeft.to_peft(model, {**lora, **dora}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -407,63 +408,13 @@ def test_peft_dropout_semantics(dense_pair):
 # --- PEFT export: tiny BERT classifier and Llama decoder ----------------------------------------
 
 
-def _randomise(torch, model, std: float) -> None:
-    """Pretrained-like magnitudes: every weight and bias non-trivial."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "LayerNorm.weight" in n or "norm.weight" in n:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, std)
-
-
 def _hf_pair(family: str):
     """`(torch, transformers model, jlora model, its params, (ids, mask), head names)`."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    import transformers
-
-    if family == "bert":
-        from jlora.models.bert import Bert, config_from_hf, params_from_hf
-
-        hf_cfg = transformers.BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=16,
-            num_labels=2,
-        )
-        tm = transformers.BertForSequenceClassification(hf_cfg).eval()
-        _randomise(torch, tm, 0.1)
-        sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-        cfg = config_from_hf(hf_cfg.to_dict(), num_labels=2)
-        model, params, head = Bert(cfg), params_from_hf(cfg, sd, sd.__getitem__), ("classifier",)
-    else:
-        from jlora.models.llama import Llama
-        from jlora.models.llama import params as lp
-
-        hf_cfg = transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=16,
-        )
-        hf_cfg._attn_implementation = "eager"
-        tm = transformers.LlamaForCausalLM(hf_cfg).eval()
-        _randomise(torch, tm, 0.1)
-        sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-        cfg = lp.config_from_hf(hf_cfg.to_dict())
-        model, params, head = Llama(cfg), lp.params_from_hf(cfg, sd, sd.__getitem__), ()
+    torch, hf_cfg, tm, model, params = hf_twin(family)
     ids = np.random.RandomState(0).randint(3, hf_cfg.vocab_size, (3, 7))
     mask = np.ones_like(ids)
     mask[1, 5:] = 0
-    return torch, tm, model, params, (ids, mask), head
+    return torch, tm, model, params, (ids, mask), ("classifier",) if family == "bert" else ()
 
 
 @pytest.mark.slow
@@ -482,11 +433,11 @@ def test_to_peft_logits_and_keys(tmp_path, family):
     base, adapters = jlora.init(cfg, params, 0)
     adapters = _trained(adapters, seed=5, scale=0.05)
     extra = {k: jax.tree.map(lambda v: v * 1.1, params[k]) for k in head} or None
-    folder = export.to_peft(model, adapters, tmp_path / "ours", extra_params=extra)
+    folder = jpeft.to_peft(model, adapters, tmp_path / "ours", extra_params=extra)
 
-    c = json.loads((folder / export.CONFIG_FILE).read_text())
+    c = json.loads((folder / persist.CONFIG_FILE).read_text())
     assert c["use_dora"] is True and c["r"] == 4 and c["lora_alpha"] == 8
-    stored = load_file(str(folder / export.PEFT_FILE))
+    stored = load_file(str(folder / jpeft.PEFT_FILE))
     magnitudes = [k for k in stored if k.endswith(".lora_magnitude_vector")]
     assert len(magnitudes) == len(adapters) == len(c["target_modules"])
 
@@ -510,7 +461,7 @@ def test_to_peft_logits_and_keys(tmp_path, family):
     assert max(errors.values()) <= EXPORT_TOL and moved > 1e-3, (family, errors, moved)
 
     pm.save_pretrained(str(tmp_path / "peft"))
-    theirs = load_file(str(tmp_path / "peft" / export.PEFT_FILE))
+    theirs = load_file(str(tmp_path / "peft" / jpeft.PEFT_FILE))
     assert set(theirs) == set(stored)
     for k in stored:
         np.testing.assert_array_equal(theirs[k], stored[k], err_msg=k)

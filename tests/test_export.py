@@ -7,18 +7,22 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VARIANTS, make_config
+from conftest import VARIANTS, hf_twin, make_config
 
 import jlora
 import jlora.models as jm
-from jlora import export, targets
+from jlora import persist, targets
 from jlora.errors import CheckpointError
+from jlora.interop import peft as jpeft
 from jlora.models.bert import Bert, BertConfig
+from jlora.models.llama import LlamaConfig
 
 SEQ = (3, 7)
 # Every algorithm on both models; NOLA regenerates its bases on BERT and caches them on Llama
@@ -75,8 +79,8 @@ def _batch(vocab: int):
 
 def _round_trip(folder, base, adapters, cfg, **kwargs):
     """save → load gives equal specs, config, leaves, pytree structure and merged kernels."""
-    loaded, cfg2, extra, meta = export.load_adapters(
-        export.save_adapters(folder, adapters, cfg, **kwargs)
+    loaded, cfg2, extra, meta = persist.load_adapters(
+        persist.save_adapters(folder, adapters, cfg, **kwargs)
     )
     assert cfg2 == cfg
     assert jax.tree.structure(loaded) == jax.tree.structure(adapters)
@@ -107,8 +111,8 @@ def test_jlora_format_nola_stores_only_coefficients(tmp_path, stacked_params):
     sizes = {}
     for variant in ("lora", "nola", "nola_cache"):
         cfg, _, adapters = _init(variant, stacked_params, targets="layers/mlp/kernel")
-        folder = export.save_adapters(tmp_path / variant, adapters, cfg)
-        sizes[variant] = (folder / export.JLORA_FILE).stat().st_size
+        folder = persist.save_adapters(tmp_path / variant, adapters, cfg)
+        sizes[variant] = (folder / persist.JLORA_FILE).stat().st_size
     # NOLA stores k + l = 28 numbers per matrix whether or not the bases were cached, LoRA r = 4
     # stores 4·(d_in + d_out) = 256 (3 matrices; measured: LoRA 3.3 kB, NOLA 0.5 kB).
     assert sizes["nola"] == sizes["nola_cache"]
@@ -118,13 +122,13 @@ def test_jlora_format_nola_stores_only_coefficients(tmp_path, stacked_params):
 def _as_version_1(folder, cfg, adapters) -> None:
     """Rewrites a folder's adapter_config.json as version 1 wrote it: every method's options in
     the config, method-specific fields (nola_seed, ranks, ...) and derived ones in each spec."""
-    file = folder / export.CONFIG_FILE
+    file = folder / persist.CONFIG_FILE
     doc = json.loads(file.read_text())
     doc["version"] = 1
     defaults = {}
     for method in ("lora", "pissa", "nlora", "nola", "gora"):
         defaults.update(jlora.METHODS[method].options_class().to_flat())
-    doc["config"] = {**export._jsonable(defaults), **doc["config"]}
+    doc["config"] = {**persist._jsonable(defaults), **doc["config"]}
     for p, entry in doc["targets"].items():
         spec, a = entry["spec"], adapters[p].spec
         options, info, seed = spec.pop("options"), spec.pop("info"), spec.pop("seed")
@@ -144,9 +148,9 @@ def _as_version_1(folder, cfg, adapters) -> None:
 def test_load_adapters_reads_version_1(tmp_path, stacked_params, variant):
     cfg, _base, adapters = _init(variant, stacked_params, targets="layers/mlp/kernel")
     adapters = _perturb(adapters)
-    folder = export.save_adapters(tmp_path / variant, adapters, cfg)
+    folder = persist.save_adapters(tmp_path / variant, adapters, cfg)
     _as_version_1(folder, cfg, adapters)
-    loaded, cfg2, _, _ = export.load_adapters(folder)
+    loaded, cfg2, _, _ = persist.load_adapters(folder)
     assert cfg2 == cfg
     for p, a in adapters.items():
         assert loaded[p].spec == a.spec
@@ -155,9 +159,9 @@ def test_load_adapters_reads_version_1(tmp_path, stacked_params, variant):
 
 
 def test_load_adapters_rejects_peft_folder(tmp_path):
-    (tmp_path / export.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA"}))
+    (tmp_path / persist.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(ValueError, match="format=None"):
-        export.load_adapters(tmp_path)
+        persist.load_adapters(tmp_path)
 
 
 def _damage(folder, edit_tensors=None, edit_doc=None):
@@ -165,13 +169,13 @@ def _damage(folder, edit_tensors=None, edit_doc=None):
     from safetensors.numpy import load_file, save_file
 
     if edit_tensors is not None:
-        tensors = load_file(str(folder / export.JLORA_FILE))
+        tensors = load_file(str(folder / persist.JLORA_FILE))
         edit_tensors(tensors)
-        save_file(tensors, str(folder / export.JLORA_FILE))
+        save_file(tensors, str(folder / persist.JLORA_FILE))
     if edit_doc is not None:
-        doc = json.loads((folder / export.CONFIG_FILE).read_text())
+        doc = json.loads((folder / persist.CONFIG_FILE).read_text())
         edit_doc(doc)
-        (folder / export.CONFIG_FILE).write_text(json.dumps(doc))
+        (folder / persist.CONFIG_FILE).write_text(json.dumps(doc))
     return folder
 
 
@@ -185,21 +189,21 @@ def _damage(folder, edit_tensors=None, edit_doc=None):
 )
 def test_load_adapters_checks_tensor_shapes(tmp_path, stacked_params, variant, leaf, wrong, want):
     cfg, _, adapters = _init(variant, stacked_params, targets="proj/kernel")
-    folder = export.save_adapters(tmp_path, adapters, cfg)
+    folder = persist.save_adapters(tmp_path, adapters, cfg)
     key = f"proj/kernel::{leaf}"
     _damage(folder, lambda t: t.update({key: np.zeros(wrong, np.float32)}))
     match = f"adapters.safetensors: tensor '{key}' has shape {wrong}, expected {want}"
     with pytest.raises(CheckpointError, match=re.escape(match)):
-        export.load_adapters(folder)
+        persist.load_adapters(folder)
 
 
 def test_load_adapters_checks_tensors_against_the_saved_spec(tmp_path, stacked_params):
     """A config edited to rank 3 no longer fits the rank-4 tensors."""
     cfg, _, adapters = _init("lora", stacked_params, targets="layers/mlp/kernel")
-    folder = export.save_adapters(tmp_path, adapters, cfg)
+    folder = persist.save_adapters(tmp_path, adapters, cfg)
     _damage(folder, edit_doc=lambda d: d["targets"]["layers/mlp/kernel"]["spec"].update(rank=3))
     with pytest.raises(CheckpointError, match=r"'layers/mlp/kernel::A' has shape \(3, 40, 4\), "):
-        export.load_adapters(folder)
+        persist.load_adapters(folder)
 
 
 def _drop(key):
@@ -225,9 +229,9 @@ def _drop(key):
 def test_load_adapters_rejects_damaged_tensors(tmp_path, stacked_params, edit, match):
     cfg, _, adapters = _init("lora", stacked_params, targets="proj/kernel")
     head = {"embed": stacked_params["embed"]}
-    folder = export.save_adapters(tmp_path, adapters, cfg, extra_params=head)
+    folder = persist.save_adapters(tmp_path, adapters, cfg, extra_params=head)
     with pytest.raises(CheckpointError, match=match):
-        export.load_adapters(_damage(folder, edit))
+        persist.load_adapters(_damage(folder, edit))
 
 
 def _poisoned(adapters, path, leaf, value):
@@ -239,10 +243,10 @@ def test_save_adapters_refuses_non_finite(tmp_path, stacked_params):
     cfg, _, adapters = _init("lora", stacked_params, targets="proj/kernel")
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=r"adapters\['proj/kernel'\] leaf 'B' .* NaN"):
-        export.save_adapters(out, _poisoned(adapters, "proj/kernel", "B", np.nan), cfg)
+        persist.save_adapters(out, _poisoned(adapters, "proj/kernel", "B", np.nan), cfg)
     head = {"embed": {"embedding": stacked_params["embed"]["embedding"].at[1, 2].set(np.inf)}}
     with pytest.raises(CheckpointError, match=r"extra_params 'embed/embedding' .* 1 Inf of 240"):
-        export.save_adapters(out, adapters, cfg, extra_params=head)
+        persist.save_adapters(out, adapters, cfg, extra_params=head)
     assert not out.exists()
 
 
@@ -266,16 +270,55 @@ def small_bert():
 def test_to_peft_residual_needs_initial_adapters(tmp_path, small_bert, stacked_params, variant):
     _, _, initial = _init(variant, stacked_params, targets="proj/kernel")
     with pytest.raises(ValueError, match=r"initial_adapters lacks 'proj/kernel': .* rewrote"):
-        export.to_peft(small_bert, _perturb(initial), tmp_path)
+        jpeft.to_peft(small_bert, _perturb(initial), tmp_path)
     _, _, other = _init(variant, stacked_params, targets="proj/kernel", rank=2)
     with pytest.raises(ValueError, match=r"initial_adapters\['proj/kernel'\].spec=.* differs"):
-        export.to_peft(small_bert, _perturb(initial), tmp_path, initial_adapters=other)
+        jpeft.to_peft(small_bert, _perturb(initial), tmp_path, initial_adapters=other)
 
 
 def test_to_peft_rejects_stacked_kernels(tmp_path, small_bert, stacked_params):
     _, _, adapters = _init("lora", stacked_params, targets=r"layers/mlp/kernel")
     with pytest.raises(ValueError, match="stacked kernel"):
-        export.to_peft(small_bert, adapters, tmp_path)
+        jpeft.to_peft(small_bert, adapters, tmp_path)
+
+
+def test_to_peft_refuses_a_model_outside_jlora_models(tmp_path, stacked_params):
+    class Foreign:  # looks like a jlora model, but no family module serves it
+        family = "llama"
+        config = LlamaConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+
+    _, _, adapters = _init("lora", stacked_params, targets="proj/kernel")
+    with pytest.raises(ValueError, match=r"model=Foreign: to_peft exports .* jlora.models"):
+        jpeft.to_peft(Foreign(), adapters, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_core_imports_no_model_family():
+    """Persistence is core (issue 12, part 4): `jlora` and `jlora.persist` load no model family
+    and no interop module; `jlora.interop.peft` asks the model's family for HF module names."""
+    code = (
+        "import sys, jlora, jlora.persist; print(sorted(m for m in sys.modules if "
+        "m.startswith(('jlora.models', 'jlora.interop', 'jlora.train'))))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def test_jlora_export_is_a_deprecated_alias():
+    import jlora.export
+
+    with pytest.warns(DeprecationWarning, match=r"jlora\.persist\.save_adapters"):
+        assert jlora.export.save_adapters is persist.save_adapters
+    with pytest.warns(DeprecationWarning, match=r"jlora\.interop\.peft\.to_peft"):
+        assert jlora.export.to_peft is jpeft.to_peft
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jlora.export.nope  # noqa: B018
 
 
 @pytest.fixture(scope="module")
@@ -290,29 +333,18 @@ def test_to_peft_refuses_non_finite(tmp_path, small_bert, small_bert_adapters):
     path = next(iter(adapters))
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match=rf"adapters\['{path}'\] leaf 'A' .* Inf"):
-        export.to_peft(small_bert, _poisoned(adapters, path, "A", np.inf), out)
+        jpeft.to_peft(small_bert, _poisoned(adapters, path, "A", np.inf), out)
     head = {"classifier": {**params["classifier"], "bias": jnp.array([0.0, np.nan])}}
     with pytest.raises(CheckpointError, match=r"extra_params 'classifier/bias' .* NaN"):
-        export.to_peft(small_bert, adapters, out, extra_params=head)
+        jpeft.to_peft(small_bert, adapters, out, extra_params=head)
     # Finite float32 leaves whose fold lora_B = (M @ B)ᵀ overflows float32.
     huge = _poisoned(_poisoned(adapters, path, "M", 3e38), path, "B", 3e38)
     with pytest.raises(CheckpointError, match=r"'base_model\.model\..*\.lora_B\.weight' .* Inf"):
-        export.to_peft(small_bert, huge, out)
+        jpeft.to_peft(small_bert, huge, out)
     assert not out.exists()
 
 
 # --- PEFT format: logits of PeftModel.from_pretrained --------------------------------------------
-
-
-def _randomise(torch, model, std: float) -> None:
-    """Pretrained-like magnitudes: every weight and bias non-trivial."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "LayerNorm.weight" in n or "norm.weight" in n:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, std)
 
 
 def _pair(tm, model, params, vocab: int):
@@ -324,53 +356,16 @@ def _pair(tm, model, params, vocab: int):
 
 @pytest.fixture(scope="module")
 def bert_pair():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    import transformers
-
-    from jlora.models.bert import config_from_hf, params_from_hf
-
-    hf_cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=32,  # one kernel shape: few compiles (Llama has non-square k/v)
-        max_position_embeddings=16,
-        num_labels=2,
-    )
-    tm = transformers.BertForSequenceClassification(hf_cfg).eval()
-    _randomise(torch, tm, 0.1)
-    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    cfg = config_from_hf(hf_cfg.to_dict(), num_labels=2)
-    return _pair(tm, Bert(cfg), params_from_hf(cfg, sd, sd.__getitem__), 100)
+    # One kernel shape (intermediate 32 = hidden): few compiles.
+    _, _, tm, model, params = hf_twin("bert", intermediate_size=32)
+    return _pair(tm, model, params, 100)
 
 
 @pytest.fixture(scope="module")
 def llama_pair():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("peft")
-    import transformers
-
-    from jlora.models.llama import Llama
-    from jlora.models.llama import params as lp
-
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # (32, 16) k/v kernels; two kernel shapes keep compiles few
-        max_position_embeddings=16,
-    )
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    tm = transformers.LlamaForCausalLM(hf_cfg).eval()
-    _randomise(torch, tm, 0.1)
-    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    cfg = lp.config_from_hf(hf_cfg.to_dict())
-    return _pair(tm, Llama(cfg), lp.params_from_hf(cfg, sd, sd.__getitem__), 64)
+    # (32, 16) k/v kernels and intermediate 32: two kernel shapes keep compiles few.
+    _, _, tm, model, params = hf_twin("llama", intermediate_size=32)
+    return _pair(tm, model, params, 64)
 
 
 def _peft_logits(torch, tm, folder, ids, mask):
@@ -390,7 +385,7 @@ def _check_peft(tmp_path, pair, variant, head: tuple[str, ...]):
     extra = _perturb_tree({k: params[k] for k in head}) if head else None
     merged = jlora.merge(base, adapters)
     ours = np.asarray(apply({**merged, **(extra or {})}, ids, mask))
-    folder = export.to_peft(model, adapters, tmp_path, initial_adapters=initial, extra_params=extra)
+    folder = jpeft.to_peft(model, adapters, tmp_path, initial_adapters=initial, extra_params=extra)
     ref = _peft_logits(torch, tm, folder, ids, mask)
     valid = mask.astype(bool) if ref.ndim == 3 else slice(None)
     err = float(np.abs(ours - ref)[valid].max())
@@ -399,7 +394,7 @@ def _check_peft(tmp_path, pair, variant, head: tuple[str, ...]):
     assert err <= 1e-4, (variant, err)
     assert moved[valid].max() > 1e-3, (variant, moved.max())
     _round_trip(tmp_path / "jlora", base, adapters, cfg)  # 2-D kernels, exact
-    return json.loads((folder / export.CONFIG_FILE).read_text())
+    return json.loads((folder / persist.CONFIG_FILE).read_text())
 
 
 @pytest.mark.parametrize("variant", BERT_VARIANTS)
@@ -431,20 +426,20 @@ def test_peft_key_names_match_peft_save_pretrained(tmp_path, bert_pair):
 
     tm, model, params, _, _ = bert_pair
     _, _, adapters = _init("gora", params, targets=jm.preset(model, "all-linear"))
-    ours = export.to_peft(
+    ours = jpeft.to_peft(
         model,
         adapters,
         tmp_path / "ours",
         extra_params={"classifier": params["classifier"], "pooler": params["pooler"]},
     )
-    c = json.loads((ours / export.CONFIG_FILE).read_text())
+    c = json.loads((ours / persist.CONFIG_FILE).read_text())
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tm), str(ours))
     pm.save_pretrained(str(tmp_path / "peft"))
-    theirs = load_file(str(tmp_path / "peft" / export.PEFT_FILE))
-    mine = load_file(str(ours / export.PEFT_FILE))
+    theirs = load_file(str(tmp_path / "peft" / jpeft.PEFT_FILE))
+    mine = load_file(str(ours / jpeft.PEFT_FILE))
     assert set(theirs) == set(mine)
     for k in mine:
         np.testing.assert_array_equal(theirs[k], mine[k], err_msg=k)
-    saved = json.loads((tmp_path / "peft" / export.CONFIG_FILE).read_text())
+    saved = json.loads((tmp_path / "peft" / persist.CONFIG_FILE).read_text())
     for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora"):
         assert saved[field] == c[field], field

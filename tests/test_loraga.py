@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import fake_grads
+from conftest import fake_grads, hf_twin
 
 import jlora
-import jlora.methods.loraga  # registers "loraga" (until jlora.methods imports it)
 import jlora.models as jm
-from jlora import export, targets
+from jlora import persist, targets
 from jlora.errors import ConfigError
+from jlora.interop import peft as jpeft
 from jlora.methods.loraga import fix_signs
 
 R, ALPHA = 2, 4.0
@@ -158,9 +158,9 @@ def test_jlora_format_round_trip_and_fold(tmp_path, stacked_params):
     cfg = _cfg(targets="proj/kernel")
     base, initial = jlora.init(cfg, stacked_params, 0, grads=grads)
     trained = _perturb(initial)
-    loaded, cfg2, _, _ = export.load_adapters(export.save_adapters(tmp_path, trained, cfg))
+    loaded, cfg2, _, _ = persist.load_adapters(persist.save_adapters(tmp_path, trained, cfg))
     assert cfg2 == cfg and loaded["proj/kernel"].spec == trained["proj/kernel"].spec
-    A, B = export.fold("proj/kernel", trained["proj/kernel"], initial["proj/kernel"])
+    A, B = jpeft.fold("proj/kernel", trained["proj/kernel"], initial["proj/kernel"])
     assert A.shape == (24, 2 * R) and B.shape == (2 * R, 40)
     s = trained["proj/kernel"].spec.scale
     want = jlora.merge(base, trained)["proj"]["kernel"]
@@ -175,35 +175,10 @@ def test_jlora_format_round_trip_and_fold(tmp_path, stacked_params):
 def peft_setup():
     """A tiny BERT classifier (no dropout: PEFT's pre-pass runs in train mode) in PyTorch and
     jlora, two labelled micro-batches, and the mean gradients of both pre-passes."""
-    torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    import transformers
-
-    from jlora.models.bert import Bert, config_from_hf, params_from_hf
-
-    hf_cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=16,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    torch, _, tm, model, params = hf_twin(
+        "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    torch.manual_seed(0)
-    tm = transformers.BertForSequenceClassification(hf_cfg).eval()
-    with torch.no_grad():  # pretrained-like magnitudes
-        for n, p in tm.named_parameters():
-            if "LayerNorm.weight" in n:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.1)
-    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    cfg = config_from_hf(hf_cfg.to_dict(), num_labels=2)
-    model = Bert(cfg)
-    params = params_from_hf(cfg, sd, sd.__getitem__)
     tgt = jm.preset(model, "all-linear")
     rs = np.random.RandomState(0)
     batches = []
@@ -218,7 +193,7 @@ def peft_setup():
         return optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"]).mean()
 
     grads = jlora.gradient_stats(loss, params, batches, _cfg(targets=tgt))
-    names = {p: export.hf_module(model, export._linen_module(p)) for p in grads}
+    names = {p: jpeft.hf_module(model, jpeft._linen_module(p)) for p in grads}
     lcfg = peft.LoraConfig(
         r=R,
         lora_alpha=ALPHA,
@@ -400,10 +375,10 @@ def test_peft_forward_merge_and_export(tmp_path, peft_setup, monkeypatch):
 
     # PEFT export: rank 2r on the ORIGINAL base.
     head = {k: ps["params"][k] for k in ("classifier", "pooler")}
-    folder = export.to_peft(model, trained, tmp_path, initial_adapters=initial, extra_params=head)
-    c = json.loads((folder / export.CONFIG_FILE).read_text())
+    folder = jpeft.to_peft(model, trained, tmp_path, initial_adapters=initial, extra_params=head)
+    c = json.loads((folder / persist.CONFIG_FILE).read_text())
     assert c["r"] == 2 * R and c["lora_alpha"] == 2 * R * ALPHA / R
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(ps["tm"]), str(folder)).eval()
     assert _err(logits(loaded), merged) <= 1e-4
     with pytest.raises(ValueError, match="initial_adapters lacks"):
-        export.to_peft(model, trained, tmp_path / "x")
+        jpeft.to_peft(model, trained, tmp_path / "x")

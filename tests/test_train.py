@@ -230,11 +230,11 @@ def _jlora_logits(run):
 
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_jlora_round_trip(sst2_run, tmp_path, method):
-    from jlora import export as jexport
+    from jlora import persist
 
     run = sst2_run[method]
     train_export.export_run(run, "jlora", tmp_path)
-    adapters, acfg, head, meta = jexport.load_adapters(tmp_path)
+    adapters, acfg, head, meta = persist.load_adapters(tmp_path)
     setup, trainable, _ = train_export.restore_run(run)
     params, original = setup.assemble(trainable)
     assert acfg == setup.acfg and meta["method"] == setup.cfg.method

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import hf_twin
 from safetensors.numpy import load_file
 
 import jlora
-import jlora.methods.vera  # registers "vera" (until jlora.methods imports it)
 import jlora.models as jm
-from jlora import export
+from jlora import persist
 from jlora.errors import ConfigError
+from jlora.interop import peft as jpeft
 from jlora.methods.vera import shared_pair
 
 R = 4
@@ -113,11 +114,11 @@ def test_regenerate_equals_cache_and_exports_store_only_vectors(tmp_path, stacke
         _, ad = jlora.init(cfg, stacked_params, 0)
         trained = _set_vectors(ad)
         deltas[basis] = jlora.delta(trained)
-        folder = export.save_adapters(tmp_path / basis, trained, cfg)
-        stored = load_file(str(folder / export.JLORA_FILE))
+        folder = persist.save_adapters(tmp_path / basis, trained, cfg)
+        stored = load_file(str(folder / persist.JLORA_FILE))
         assert sorted(stored) == sorted(f"{p}::{n}" for p in ad for n in ("b", "d")), basis
-        sizes[basis] = (folder / export.JLORA_FILE).stat().st_size
-        loaded, cfg2, _, _ = export.load_adapters(folder)
+        sizes[basis] = (folder / persist.JLORA_FILE).stat().st_size
+        loaded, cfg2, _, _ = persist.load_adapters(folder)
         assert cfg2 == cfg
         for p, a in trained.items():
             assert loaded[p].spec == a.spec
@@ -171,37 +172,13 @@ def test_factored_merged_and_a_training_step(tiny):
 def peft_vera():
     """A tiny BERT classifier (FFN 48 ≠ hidden 32, so the pair is sliced) in PyTorch with PEFT's
     VeRA on every linear projection, and jlora's VeRA with PEFT's pair copied into its cache."""
-    torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    import transformers
-
-    from jlora.models.bert import Bert, config_from_hf, params_from_hf
-
-    hf_cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=16,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    torch, _, tm, model, params = hf_twin(
+        "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    torch.manual_seed(0)
-    tm = transformers.BertForSequenceClassification(hf_cfg).eval()
-    with torch.no_grad():  # pretrained-like magnitudes
-        for n, p in tm.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "LayerNorm.weight" in n else p.normal_(
-                0, 0.1
-            )
-    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    cfg = config_from_hf(hf_cfg.to_dict(), num_labels=2)
-    model = Bert(cfg)
-    params = params_from_hf(cfg, sd, sd.__getitem__)
     acfg = _cfg(targets=jm.preset(model, "all-linear"), vera_basis="cache")
     base, initial = jlora.init(acfg, params, 0)
-    names = {p: export.hf_module(model, export._linen_module(p)) for p in initial}
+    names = {p: jpeft.hf_module(model, jpeft._linen_module(p)) for p in initial}
     vcfg = peft.VeraConfig(
         r=R, target_modules=sorted(names.values()), projection_prng_key=0, d_initial=0.1
     )
@@ -350,7 +327,7 @@ def test_to_peft_exports_rank_r_lora(tmp_path, peft_vera):
 
     # PEFT's own pair: the exported LoRA gives the logits of PEFT's VeRA model.
     with_peft_pair = _with_peft_pair_and_vectors(pv, seed=2)
-    folder = export.to_peft(model, with_peft_pair, tmp_path / "peft_pair", extra_params=head)
+    folder = jpeft.to_peft(model, with_peft_pair, tmp_path / "peft_pair", extra_params=head)
     ref_vera = _torch_logits(pv, pv["pm"])
     assert _err(peft_lora_logits(folder), ref_vera) <= 1e-4
 
@@ -358,8 +335,8 @@ def test_to_peft_exports_rank_r_lora(tmp_path, peft_vera):
     cfg = _cfg(targets=pv["acfg"].targets)
     _, regen = jlora.init(cfg, pv["params"], 0)
     trained = _set_vectors(regen, seed=3)
-    folder = export.to_peft(model, trained, tmp_path / "regen", extra_params=head)
-    c = json.loads((folder / export.CONFIG_FILE).read_text())
+    folder = jpeft.to_peft(model, trained, tmp_path / "regen", extra_params=head)
+    c = json.loads((folder / persist.CONFIG_FILE).read_text())
     assert c["r"] == R and c["lora_alpha"] == R and not c["rank_pattern"]  # rank r, scale 1
     assert c["use_rslora"] is False and len(c["target_modules"]) == 12
     ours = np.asarray(apply(jlora.merge(base, trained)))

@@ -323,7 +323,7 @@ class Method(abc.ABC):
     # -- export ---------------------------------------------------------------------------------
 
     def peft_extra(self, params: Leaves, spec: AdapterSpec) -> tuple[dict[str, Any], Leaves]:
-        """What a PEFT LoRA export (`jlora.export.to_peft`) writes beyond `lora_A` / `lora_B`
+        """What a PEFT LoRA export (`jlora.interop.peft.to_peft`) writes beyond `lora_A` / `lora_B`
         (from `factors`): `(config, tensors)`, the `adapter_config.json` fields this method sets
         (every target must give the same) and per-module tensors keyed by the name PEFT stores
         after the module name, in PyTorch layout (DoRA: `({"use_dora": True},

@@ -21,7 +21,7 @@ through `m / ‖…‖_c`.
   merged path trains like the factored one).
 - `delta` and `unmerge` raise ValueError: ΔK needs K, and a merged kernel keeps only the direction
   of each column of `K + s·A@B`, not its norm, so K cannot be recovered from it.
-- PEFT export (`jlora.export.to_peft`): `use_dora=True`, lora_A/lora_B as for LoRA and
+- PEFT export (`jlora.interop.peft.to_peft`): `use_dora=True`, lora_A/lora_B as for LoRA and
   `lora_magnitude_vector = m` (the `peft_extra` hook).
 
 Example:

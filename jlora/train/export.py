@@ -5,9 +5,9 @@ The run folder holds orbax checkpoints that record their resolved config and ada
 export rebuilds the model and the initial adapters from them (deterministic, as on resume; no
 training data, no GoRA pre-pass), restores the newest good checkpoint (checksum and
 finiteness verified) and writes:
-- `jlora`: `jlora.export.save_adapters` (NOLA: coefficients and seeds only), with the trained
-  head; `jlora.export.load_adapters` reads it back to continue or merge;
-- `peft`: `jlora.export.to_peft` (residual methods use the recomputed initial adapters), the
+- `jlora`: `jlora.persist.save_adapters` (NOLA: coefficients and seeds only), with the trained
+  head; `jlora.persist.load_adapters` reads it back to continue or merge;
+- `peft`: `jlora.interop.peft.to_peft` (residual methods use the recomputed initial adapters), the
   head as PEFT's `modules_to_save`;
 - `merged`: `jlora.merge` plus the head, through `jlora.models.save_hf` (e.g. a
   `BertForSequenceClassification` folder for the SST-2 runs).
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 
 import jlora
 import jlora.models as jm
-from jlora import export as jexport
+from jlora import persist
 from jlora.errors import CheckpointError
+from jlora.interop import peft as jpeft
 from jlora.train import config as config_lib
 from jlora.train.checkpoint import Checkpoints, DamagedCheckpointError
 
@@ -99,9 +100,9 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> path
     elif setup.acfg is None:
         raise ValueError(f"--format {fmt}: a full fine-tune has no adapters; use --format merged")
     elif fmt == "jlora":
-        path = jexport.save_adapters(out, adapters, setup.acfg, extra_params=head, metadata=info)
+        path = persist.save_adapters(out, adapters, setup.acfg, extra_params=head, metadata=info)
     else:
-        path = jexport.to_peft(
+        path = jpeft.to_peft(
             setup.model,
             adapters,
             out,

@@ -31,7 +31,7 @@ import optax
 
 import jlora
 import jlora.models as jm
-from jlora import export as jexport
+from jlora import persist
 from jlora.methods import METHODS, Adapter
 from jlora.train import tasks
 from jlora.train.config import RunConfig, check_adapter
@@ -108,7 +108,7 @@ def adapter_config(cfg: RunConfig, model: Any) -> jlora.AdapterConfig:
 
 def spec_meta(adapters: Mapping[str, Adapter]) -> dict[str, Any]:
     """`{path: spec as JSON}`: what a checkpoint records of each adapter."""
-    return {p: jexport.spec_to_json(a.spec) for p, a in adapters.items()}
+    return {p: persist.spec_to_json(a.spec) for p, a in adapters.items()}
 
 
 def adapters_from_meta(
@@ -123,7 +123,7 @@ def adapters_from_meta(
     acfg = check_adapter(cfg)
     out = {}
     for path, data in specs.items():
-        spec = jexport.spec_from_json(data, path, acfg)
+        spec = persist.spec_from_json(data, path, acfg)
         prefix = f"trainable/adapters/{path}/params/"
         leaves = {
             name: jnp.zeros(leaf_shapes[prefix + name], jnp.float32) for name in spec.trainable

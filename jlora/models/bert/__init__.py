@@ -5,8 +5,10 @@ from jlora.models.bert.params import (
     PRESETS,
     config_from_hf,
     config_to_hf,
+    hf_module,
     params_from_hf,
     params_to_hf,
+    peft_task_type,
 )
 
 __all__ = [
@@ -16,7 +18,9 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "family",
+    "hf_module",
     "mean_pool",
     "params_from_hf",
     "params_to_hf",
+    "peft_task_type",
 ]

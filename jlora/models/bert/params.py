@@ -169,6 +169,25 @@ def params_from_hf(
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def hf_module(cfg: BertConfig, module: str) -> str:
+    """Hugging Face module name of a Linen module path in `Bert(cfg)`, as transformers' model
+    (with a head: `BertForSequenceClassification`, encoder under `bert.` / `roberta.`) names it.
+
+    Example:
+      >>> cfg = BertConfig(vocab_size=8, hidden_size=4, num_hidden_layers=1,
+      ...                  num_attention_heads=1, intermediate_size=4, num_labels=2)
+      >>> hf_module(cfg, "encoder/layer_0/attention/self/query"), hf_module(cfg, "classifier")
+      ('bert.encoder.layer.0.attention.self.query', 'classifier')
+    """
+    prefix = f"{cfg.model_type}." if cfg.num_labels is not None else ""
+    return _hf_name(f"{module}/kernel", prefix).removesuffix(".weight")
+
+
+def peft_task_type(cfg: BertConfig) -> str:
+    """PEFT's `task_type` for `Bert(cfg)`: `SEQ_CLS` with a head, else `FEATURE_EXTRACTION`."""
+    return "SEQ_CLS" if cfg.num_labels is not None else "FEATURE_EXTRACTION"
+
+
 def params_to_hf(cfg: BertConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
     """float32 numpy tensors named and laid out as transformers' `BertModel` /
     `BertForSequenceClassification` (or RoBERTa's) `from_pretrained` expects. A model without a

@@ -31,9 +31,11 @@ __all__ = [
     "PRESETS",
     "config_from_hf",
     "config_to_hf",
+    "hf_module",
     "model_class",
     "params_from_hf",
     "params_to_hf",
+    "peft_task_type",
 ]
 
 ARCHITECTURES = {
@@ -177,6 +179,23 @@ def hf_name(path: str) -> str:
     module, leaf = path.rsplit("/", 1)
     module = re.sub(r"layers_(\d+)", r"layers.\1", module).replace("/", ".")
     return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
+
+
+def hf_module(cfg: LlamaConfig, module: str) -> str:
+    """Hugging Face module name of a Linen module path in `Llama(cfg)` (`*ForCausalLM`).
+
+    Example:
+      >>> hf_module(None, "model/layers_0/self_attn/q_proj")
+      'model.layers.0.self_attn.q_proj'
+    """
+    del cfg  # every Llama-family config names its modules alike
+    return hf_name(f"{module}/kernel").removesuffix(".weight")
+
+
+def peft_task_type(cfg: LlamaConfig) -> str:
+    """PEFT's `task_type` for `Llama(cfg)`: a causal LM."""
+    del cfg
+    return "CAUSAL_LM"
 
 
 def expected_names(cfg: LlamaConfig) -> list[str]:
