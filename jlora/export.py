@@ -12,29 +12,18 @@ import importlib
 import warnings
 from typing import Any
 
-_PERSIST = (
-    "CONFIG_FILE",
-    "FORMAT",
-    "JLORA_FILE",
-    "READABLE_VERSIONS",
-    "VERSION",
-    "config_from_json",
-    "leaf_shapes",
-    "load_adapters",
-    "save_adapters",
-    "spec_from_json",
-    "spec_to_json",
-)
-_PEFT = ("PEFT_FILE", "fold", "hf_module", "to_peft")
+_HOMES = ("jlora.persist", "jlora.interop.peft")
 
 
 def __getattr__(name: str) -> Any:
-    home = "jlora.persist" if name in _PERSIST else "jlora.interop.peft" if name in _PEFT else None
-    if home is None:
+    homes = (importlib.import_module(h) for h in _HOMES)
+    module = next((m for m in homes if name in m.__all__), None)
+    if module is None:
         raise AttributeError(f"module 'jlora.export' has no attribute {name!r}")
+    home = module.__name__
     warnings.warn(
         f"jlora.export.{name} moved to {home}.{name}; jlora.export will be removed",
         DeprecationWarning,
         stacklevel=2,
     )
-    return getattr(importlib.import_module(home), name)
+    return getattr(module, name)

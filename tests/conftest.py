@@ -142,6 +142,17 @@ HF_TINY = {
 }
 
 
+def tiny_model(family: str):
+    """The jlora model of `HF_TINY[family]` (`Bert` with a 2-label head, or `Llama`)."""
+    if family == "bert":
+        from jlora.models.bert import Bert, BertConfig
+
+        return Bert(BertConfig(**HF_TINY["bert"]))
+    from jlora.models.llama import Llama, LlamaConfig
+
+    return Llama(LlamaConfig(**HF_TINY["llama"]))
+
+
 def randomise_torch(torch, model, std: float = 0.1) -> None:
     """Pretrained-like magnitudes: every weight and bias non-trivial, norms near 1."""
     torch.manual_seed(0)

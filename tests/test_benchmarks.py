@@ -182,3 +182,21 @@ def test_guard_cost_times_both_steps_and_they_agree(tmp_path, capsys):
             jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a["trainable"], b["trainable"])
         )
     )
+
+
+@pytest.mark.slow
+def test_remat_cost_rows_agree(tmp_path, capsys):
+    """`python -m benchmarks.remat_cost` on a 2-layer SmolLM2-shaped decoder: one row per policy,
+    the same loss under every policy, XLA's memory reported with its ratio to no remat. (No
+    assertion on the saving: XLA:CPU's scheduler does not realise it; BENCHMARKS.md section g.)"""
+    from benchmarks import remat_cost
+
+    argv = ["--methods", "lora", "--layers", "2", "--batch", "2", "--seq", "64"]
+    assert remat_cost.main([*argv, "--rounds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "remat_cost.json").read_text())
+    rows = {r["remat"]: r for r in result["rows"]}
+    assert set(rows) == {"none", "full", "dots"}
+    assert all(r["loss_diff"] < 1e-5 for r in rows.values())
+    assert rows["none"]["peak_vs_none"] == 1.0
+    assert all(r["memory"]["peak"] > 0 and r["vs_none"] > 0 for r in rows.values())
+    assert "÷ none (paired)" in capsys.readouterr().out

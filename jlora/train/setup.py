@@ -163,6 +163,7 @@ class Setup:
             key=jax.random.key(t.seed),
             require_tokenizer=True,
         )
+        self.model = self.model.clone(remat=cfg.model.remat)
         self.data = tasks.build_data(cfg, self.tokenizer, t.seed, rows=rows) if need_data else None
         self.loss = tasks.loss_fn(cfg, self.model)
         self.original = params

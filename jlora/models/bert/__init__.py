@@ -1,6 +1,6 @@
 """BERT-family encoders (BERT, RoBERTa, MiniLM / sentence-transformers) and their HF key map."""
 
-from jlora.models.bert.model import Bert, BertConfig, family, mean_pool
+from jlora.models.bert.model import SHARDING, Bert, BertConfig, family, mean_pool
 from jlora.models.bert.params import (
     PRESETS,
     config_from_hf,
@@ -13,6 +13,7 @@ from jlora.models.bert.params import (
 
 __all__ = [
     "PRESETS",
+    "SHARDING",
     "Bert",
     "BertConfig",
     "config_from_hf",

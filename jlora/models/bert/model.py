@@ -30,6 +30,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.remat import wrap
+from jlora.sharding import Rule
+
 family = "bert"
 
 ACTIVATIONS = {
@@ -193,11 +196,13 @@ class Layer(nn.Module):
 class Encoder(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        layer_class = wrap(Layer, self.remat, "Bert.remat")
         for i in range(self.config.num_hidden_layers):
-            x = Layer(self.config, self.dtype, name=f"layer_{i}")(x, bias)
+            x = layer_class(self.config, self.dtype, name=f"layer_{i}")(x, bias)
         return x
 
 
@@ -218,6 +223,8 @@ class Bert(nn.Module):
 
     config: BertConfig
     dtype: Any = jnp.float32
+    # Per-layer rematerialisation: "none", "full" or "dots" (see `jlora.models.remat`).
+    remat: str = "none"
     family = family
 
     @nn.compact
@@ -234,7 +241,7 @@ class Bert(nn.Module):
         bias = jnp.zeros((1, 1, 1, input_ids.shape[1]), jnp.float32)
         if attention_mask is not None:  # additive, on padded keys
             bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        x = Encoder(c, self.dtype, name="encoder")(x, bias)
+        x = Encoder(c, self.dtype, self.remat, name="encoder")(x, bias)
         if c.num_labels is None:
             return x
         if c.model_type == "roberta":
@@ -250,3 +257,16 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
     m = attention_mask.astype(jnp.float32)[..., None]
     total = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
     return total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+# Mesh layouts of the parameters (`jlora.sharding`): FSDP splits one axis of every large kernel
+# over `fsdp`; tensor parallelism (Megatron) splits query/key/value and the intermediate dense
+# by output (heads, MLP hidden) and the two output denses by input over `tensor`. Norms, the
+# small position/type embeddings and the head are replicated.
+_L = r"encoder/layer_\d+/"
+SHARDING = (
+    Rule(r"embeddings/word_embeddings/embedding", ("tensor", "fsdp")),
+    Rule(rf"{_L}(attention/self/(query|key|value)|intermediate/dense)/kernel", ("fsdp", "tensor")),
+    Rule(rf"{_L}(attention/self/(query|key|value)|intermediate/dense)/bias", ("tensor",)),
+    Rule(rf"{_L}(attention/output|output)/dense/kernel", ("tensor", "fsdp")),
+)

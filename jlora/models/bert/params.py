@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jlora.models.bert.model import SHARDING as SHARDING  # the family's layout rules
 from jlora.models.bert.model import Bert, BertConfig
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.remat import wrap
+from jlora.sharding import Rule
+
 family = "llama"
 
 Cache = list[dict[str, jax.Array]]
@@ -285,6 +288,7 @@ class LlamaModel(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -309,8 +313,9 @@ class LlamaModel(nn.Module):
         cos, sin = rope_tables(positions, c.dim_head, c.rope_theta, c.rope_scaling)
         mask = attention_mask_4d(query_slots, key_slots, attention_mask, c.sliding_window)
         new_cache = [] if cache is not None else None
+        layer_class = wrap(DecoderLayer, self.remat, "Llama.remat")
         for i in range(c.num_hidden_layers):
-            layer = DecoderLayer(c, self.dtype, name=f"layers_{i}")
+            layer = layer_class(c, self.dtype, name=f"layers_{i}")
             x, layer_cache = layer(
                 x, cos, sin, mask, None if cache is None else cache[i], cache_index
             )
@@ -333,6 +338,8 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     dtype: Any = jnp.float32
+    # Per-layer rematerialisation: "none", "full" or "dots" (see `jlora.models.remat`).
+    remat: str = "none"
     family = family
 
     @nn.compact
@@ -345,7 +352,7 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> jax.Array | tuple[jax.Array, Cache]:
-        h, new_cache = LlamaModel(self.config, self.dtype, name="model")(
+        h, new_cache = LlamaModel(self.config, self.dtype, self.remat, name="model")(
             input_ids, attention_mask, positions, cache, jnp.asarray(cache_index, jnp.int32)
         )
         if not self.config.tie_word_embeddings:
@@ -371,3 +378,16 @@ PRESETS = {
     "attention": r"model/layers_\d+/self_attn/(q|k|v|o)_proj/kernel",
     "all-linear": r"model/layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel",
 }
+
+
+# Mesh layouts of the parameters (`jlora.sharding`): FSDP splits one axis of every large kernel
+# over `fsdp`; tensor parallelism (Megatron) splits q/k/v/gate/up by output (heads, MLP hidden)
+# and o/down by input over `tensor`, so each block ends in one all-reduce. Norms are replicated.
+_L = r"model/layers_\d+/"
+SHARDING = (
+    Rule(r"model/embed_tokens/embedding", ("tensor", "fsdp")),
+    Rule(rf"{_L}(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel", ("fsdp", "tensor")),
+    Rule(rf"{_L}self_attn/(q|k|v)_proj/bias", ("tensor",)),
+    Rule(rf"{_L}(self_attn/o_proj|mlp/down_proj)/kernel", ("tensor", "fsdp")),
+    Rule(r"lm_head/kernel", ("fsdp", "tensor")),
+)

@@ -22,13 +22,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.llama.model import PRESETS, Llama, LlamaConfig, RopeScaling
+from jlora.models.llama.model import PRESETS, SHARDING, Llama, LlamaConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 
 model_class = Llama
 __all__ = [
     "PRESETS",
+    "SHARDING",
     "config_from_hf",
     "config_to_hf",
     "hf_module",

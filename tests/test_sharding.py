@@ -1,0 +1,128 @@
+"""Mesh layouts (issue 13, parts 2-3): mesh shapes, the families' parameter rules, adapter
+layouts derived from their kernel's for every method through the declared axis roles, and (slow,
+8 simulated devices in a subprocess) sharded loss and gradients equal to the unsharded ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import tiny_model
+
+import jlora
+import jlora.models as jm
+from jlora import sharding
+from jlora.sharding import P
+
+SIZES = {"data": 2, "fsdp": 2, "tensor": 2}
+SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "sharded_grads.py"
+
+
+def test_mesh_shape_resolves_and_fails_naming_the_field():
+    assert sharding.MeshShape(fsdp=2).resolve(8) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.MeshShape(data=1, fsdp=-1, tensor=4).resolve(8)["fsdp"] == 2
+    with pytest.raises(ValueError, match=r"mesh\.tensor=0 is invalid: expected an integer >= 1"):
+        sharding.MeshShape(tensor=0).resolve(8)
+    with pytest.raises(ValueError, match=r"\['data', 'fsdp'\] are all -1"):
+        sharding.MeshShape(fsdp=-1).resolve(8)
+    with pytest.raises(ValueError, match=r"mesh\.data=-1 has no size"):
+        sharding.MeshShape(tensor=3).resolve(8)
+    with pytest.raises(ValueError, match="2 × 2 × 1 = 4 is invalid: expected the device count 8"):
+        sharding.MeshShape(data=2, fsdp=2).resolve(8)
+    mesh = sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1])
+    assert mesh.axis_names == sharding.MESH_AXES
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_model("llama")
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    return model, shapes["params"]
+
+
+def test_llama_rules_column_row_and_replicated(llama):
+    model, params = llama
+    specs = jlora.targets.flatten(sharding.param_specs(params, jm.sharding_rules(model), SIZES))
+    L = "model/layers_0/"
+    assert specs[L + "self_attn/q_proj/kernel"] == P("fsdp", "tensor")
+    assert specs[L + "mlp/up_proj/kernel"] == P("fsdp", "tensor")
+    assert specs[L + "self_attn/o_proj/kernel"] == P("tensor", "fsdp")
+    assert specs[L + "mlp/down_proj/kernel"] == P("tensor", "fsdp")
+    assert specs["model/embed_tokens/embedding"] == P("tensor", "fsdp")
+    assert specs[L + "input_layernorm/weight"] == P(None)
+    # A mesh axis that does not divide the array axis is dropped (k_proj's 16 outputs over 32).
+    wide = sharding.param_specs(params, jm.sharding_rules(model), {**SIZES, "tensor": 32})
+    assert jlora.targets.flatten(wide)[L + "self_attn/k_proj/kernel"] == P("fsdp", None)
+
+
+# Per method: the leaves of an adapter on a row-parallel kernel P("tensor", "fsdp").
+WANT = {
+    "lora": {"A": P("tensor", None), "B": P(None, "fsdp")},
+    "slora": {"A": P("tensor", None), "M": P(None, None), "B": P(None, "fsdp")},
+    "dora": {"A": P("tensor", None), "B": P(None, "fsdp"), "m": P("fsdp")},
+    "nola": {
+        "alpha": P(None),
+        "beta": P(None),
+        "A0": P("tensor", None),
+        "A_basis": P(None, "tensor", None),
+        "B_basis": P(None, None, "fsdp"),
+    },
+    "vera": {"d": P(None), "b": P("fsdp"), "A": P("tensor", None), "B": P(None, "fsdp")},
+}
+OPTIONS = {
+    "nola": {"nola_num_basis": (4, 4), "nola_basis": "cache"},
+    "vera": {"vera_basis": "cache"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(WANT))
+def test_adapters_derive_their_layout_from_the_kernel(method):
+    path = "o/kernel"
+    params = {"o": {"kernel": jnp.ones((32, 16))}}
+    cfg = jlora.AdapterConfig(method=method, rank=4, targets=path, **OPTIONS.get(method, {}))
+    _, adapters = jlora.init(cfg, params, 0)
+    specs = sharding.adapter_specs(adapters, {path: P("tensor", "fsdp")}, SIZES)
+    assert specs[path].params == WANT[method]
+    assert specs[path].spec == adapters[path].spec
+
+
+def test_stacked_kernels_keep_their_stack_axes(stacked_params):
+    cfg = jlora.AdapterConfig(method="slora", rank=4, targets=r"layers/mlp/kernel")
+    _, adapters = jlora.init(cfg, stacked_params, 0)
+    kernel = {"layers/mlp/kernel": P(None, "fsdp", "tensor")}
+    got = sharding.adapter_specs(adapters, kernel, SIZES)["layers/mlp/kernel"].params
+    assert got == {
+        "A": P(None, "fsdp", None),
+        "M": P(None, None, None),
+        "B": P(None, None, "tensor"),
+    }
+    # No rule for the kernel: everything replicated.
+    assert sharding.adapter_specs(adapters, {}, SIZES)["layers/mlp/kernel"].params["A"] == P(
+        None, None, None
+    )
+
+
+@pytest.mark.slow
+def test_sharded_loss_and_gradients_equal_unsharded_on_8_devices():
+    """lora, slora, dora, nola and vera on a Llama (slora and vera on a BERT), meshes (8,1,1),
+    (2,4,1), (2,2,2) and (1,1,8): loss and adapter gradients within 1e-5 of the unsharded step."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == (5 + 2) * 4
+    for r in rows:
+        where = f"{r['family']} {r['method']} mesh {r['mesh']}"
+        assert r["loss_diff"] <= 1e-5, where
+        assert r["grad_diff"] <= 1e-5 * r["grad_scale"], where
+        if r["mesh"] == [2, 2, 2] and r["method"] in ("lora", "slora"):
+            ab = {k: r["layouts"][k] for k in "AB"}
+            assert ab == {"A": "P('tensor', None)", "B": "P(None, 'fsdp')"}, where
