@@ -94,6 +94,7 @@ def test_logits_match_numpy_reference(stories):
     assert np.abs(np.asarray(got) - want).max() <= 1e-4
 
 
+@pytest.mark.slow  # 71 s; the forward parity tests stay fast
 def test_greedy_generation_matches_reference_and_is_fluent(stories):
     model, params, tok = stories
     fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))

@@ -89,6 +89,7 @@ def test_delta_shapes(stacked_params):
     assert all(v.dtype == jnp.float32 for v in d.values())
 
 
+@pytest.mark.slow  # 89 s; the deterministic merge tests stay fast
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     variant=st.sampled_from(sorted(VARIANTS)),

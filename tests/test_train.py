@@ -111,6 +111,7 @@ def test_every_method_trains_and_reports(tmp_path, method):
     assert any(jax.tree.leaves(moved))
 
 
+@pytest.mark.slow  # 79 s; the fast checkpoint and resume tests stay
 def test_resume_gives_identical_losses(tmp_path):
     cfg = _cfg(
         GSM8K_TINY,
@@ -228,6 +229,7 @@ def _jlora_logits(run):
         )
 
 
+@pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_jlora_round_trip(sst2_run, tmp_path, method):
     from jlora import persist
@@ -243,6 +245,7 @@ def test_export_jlora_round_trip(sst2_run, tmp_path, method):
     assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b)))
 
 
+@pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_merged_loads_in_transformers(sst2_run, tmp_path, method):
     torch = pytest.importorskip("torch")
@@ -258,6 +261,7 @@ def test_export_merged_loads_in_transformers(sst2_run, tmp_path, method):
     assert np.abs(ref - _jlora_logits(sst2_run[method])).max() <= 1e-4
 
 
+@pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_peft_matches(sst2_run, tmp_path, method):
     torch = pytest.importorskip("torch")
