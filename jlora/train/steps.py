@@ -87,28 +87,42 @@ def guarded_update(
 
 
 def step_fns(
-    loss_of: Callable[..., jax.Array], tx: optax.GradientTransformation, policy: str
+    loss_of: Callable[..., jax.Array],
+    tx: optax.GradientTransformation,
+    policy: str,
+    state_shardings: Any = None,
+    replicated: Any = None,
 ) -> tuple[Any, Any, Any]:
     """`(fused, accumulate, apply)`, jitted with the state donated.
 
     `loss_of(trainable, frozen, batch, step_or_micro_key)`; `fused(state, frozen, batch)` is one
     optimizer step; with gradient accumulation, `accumulate(acc, state, frozen, batch, micro)`
     sums micro-batch gradients and `apply(state, acc, n)` averages and applies them.
+
+    With `state_shardings` (the state's layouts on a mesh) and `replicated` (the mesh's
+    replicated sharding), every step returns the state in its own layout (so donation reuses
+    its buffers and no step reshards it) and the metrics replicated.
     """
     grad = jax.value_and_grad(loss_of)
     update = guarded_update(tx, policy)
+    if state_shardings is None:
+        step_out = acc_out = None
+    else:
+        step_out = (state_shardings, replicated)
+        acc_out = (state_shardings["trainable"], replicated)
+    jit = functools.partial(jax.jit, donate_argnums=(0,))
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jit, out_shardings=step_out)
     def fused(state, frozen, batch):
         loss, grads = grad(state["trainable"], frozen, batch, state["step"])
         return update(state, grads, loss)
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jit, out_shardings=acc_out)
     def accumulate(acc, state, frozen, batch, micro):
         loss, grads = grad(state["trainable"], frozen, batch, state["step"] * 1000 + micro)
         return jax.tree.map(jnp.add, acc, (grads, loss))
 
-    @functools.partial(jax.jit, donate_argnums=(0,))
+    @functools.partial(jit, out_shardings=step_out)
     def apply(state, acc, n):
         grads, loss = jax.tree.map(lambda x: x / n, acc)
         return update(state, grads, loss)

