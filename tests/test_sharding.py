@@ -110,15 +110,15 @@ def test_stacked_kernels_keep_their_stack_axes(stacked_params):
 
 @pytest.mark.slow
 def test_sharded_loss_and_gradients_equal_unsharded_on_8_devices():
-    """lora, slora, dora, nola and vera on a Llama (slora and vera on a BERT), meshes (8,1,1),
-    (2,4,1), (2,2,2) and (1,1,8): loss and adapter gradients within 1e-5 of the unsharded step."""
+    """lora, slora, dora, nola and vera on a Llama (slora and vera on a BERT), meshes (2,4,1),
+    (2,2,2) and (1,1,8): loss and adapter gradients within 1e-5 of the unsharded step."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run = subprocess.run(
         [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == (5 + 2) * 4
+    assert len(rows) == (5 + 2) * 3
     for r in rows:
         where = f"{r['family']} {r['method']} mesh {r['mesh']}"
         assert r["loss_diff"] <= 1e-5, where
