@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "mesh_runs.py"
@@ -24,6 +25,21 @@ GROUPS = {
     "llama-2": ("llama", "inttune,nola,vera,gora,loraga", False),
     "bert": ("bert", "lora,slora,nola,vera", True),
 }
+
+
+def test_a_mesh_that_does_not_fit_the_devices_is_refused_naming_the_field():
+    from jlora.errors import ConfigError
+    from jlora.train import config
+    from jlora.train.setup import run_mesh
+
+    cfg = config.from_dict({"mesh": {"data": 1, "fsdp": 2, "tensor": 1}})
+    with pytest.raises(ConfigError, match=r"mesh: data × fsdp × tensor = 1 × 2 × 1 = 2"):
+        run_mesh(cfg, jax.devices()[:1])
+    assert dict(run_mesh(config.from_dict({}), jax.devices()[:1]).shape) == {
+        "data": 1,
+        "fsdp": 1,
+        "tensor": 1,
+    }
 
 
 @pytest.mark.slow

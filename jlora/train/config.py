@@ -1,10 +1,10 @@
 """The run configuration of `train.py`: YAML validated into typed, frozen dataclasses.
 
 A config file has the sections `model`, `data`, `adapter`, `train`, `checkpoint` and `mesh`
-plus the top-level `name` and `task`. Every key is checked before any work starts: an unknown key, a
-wrong type or a bad value raises `ConfigError` naming the dotted field, the value and what is
-allowed. `--set section.key=value` overrides parse the value as YAML (`--set train.steps=50`,
-`--set adapter.targets=all-linear`).
+plus the top-level `name` and `task`. Every key is checked before any work starts: an unknown
+key, a wrong type or a bad value raises `ConfigError` naming the dotted field, the value and
+what is allowed. `--set section.key=value` overrides parse the value as YAML
+(`--set train.steps=50`, `--set adapter.targets=all-linear`).
 
 Example:
   >>> from jlora.train.config import from_dict

@@ -59,10 +59,6 @@ class Placement:
         """Every batch's size must be a multiple of this (data × fsdp)."""
         return int(np.prod([self.mesh.shape[a] for a in sharding.BATCH]))
 
-    @property
-    def size(self) -> int:
-        return int(self.mesh.size)
-
     def base_specs(self, params: Any) -> Any:
         """`PartitionSpec`s of a parameter tree by the family's rules."""
         return sharding.param_specs(params, self.rules, self.mesh)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -280,8 +279,7 @@ def run_mesh(cfg: RunConfig, devices: Any = None) -> Mesh:
     except ValueError as e:
         raise ConfigError(f"{e} ({len(devices)} {devices[0].platform} devices)") from e
     t = cfg.train
-    micro = t.batch_size // t.grad_accum
-    n = math.prod(mesh.shape[a] for a in sharding.BATCH)
+    micro, n = t.batch_size // t.grad_accum, Placement(mesh, ()).batch_divisor
     if micro % n:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (micro-batches of {micro} with train.grad_accum="

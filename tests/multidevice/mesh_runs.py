@@ -16,6 +16,7 @@ sensitivity.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -24,7 +25,9 @@ import tempfile
 import jax
 import numpy as np
 
+from jlora.errors import ConfigError
 from jlora.train import config, loop
+from jlora.train.setup import run_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
@@ -115,6 +118,17 @@ def main() -> int:
     ap.add_argument("--resume-check", action="store_true")
     args = ap.parse_args()
     assert jax.device_count() == 8, jax.devices()
+    # A micro-batch that does not split over data × fsdp is refused, naming the fields.
+    bad = dataclasses.replace(
+        run_config("llama", "", "lora", (2, 4, 1)),
+        train=dataclasses.replace(run_config("llama", "", "lora", (2, 4, 1)).train, batch_size=4),
+    )
+    try:
+        run_mesh(bad)
+    except ConfigError as e:
+        assert "train.batch_size=4" in str(e) and "mesh.data × mesh.fsdp = 8" in str(e), e
+    else:
+        raise AssertionError("batch_size=4 on a 2x4x1 mesh was not refused")
     tmp = pathlib.Path(tempfile.mkdtemp())
     source = str(tiny_bert(tmp / "bert")) if args.family == "bert" else ""
     for method in args.methods.split(","):
