@@ -5,6 +5,7 @@ python train.py --config configs/sst2/lora.yaml   # a task/method config
 python train.py --config ... --set train.steps=50 --set adapter.rank=16
 python train.py --config ... --resume             # continue the run in --out
 python train.py export --run runs/sst2-lora --format peft --out exports/sst2-lora
+python train.py plan --config configs/paper/gora-llama31-8b.yaml --devices 8 --device-memory 80GiB
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def config_help() -> str:
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Fine-tune a pretrained model with a jlora method (or `train.py export`).",
+        description="Fine-tune a pretrained model with a jlora method (or `train.py export`, "
+        "`train.py plan`).",
         epilog=config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -80,6 +82,11 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when the memory plan's estimate exceeds the devices' memory",
+    )
+    p.add_argument(
         "--debug", action="store_true", help="show tracebacks of errors (or JLORA_DEBUG=1)"
     )
     return p
@@ -93,6 +100,48 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=pathlib.Path, required=True, help="the run folder")
     p.add_argument("--format", choices=("jlora", "peft", "merged"), required=True)
     p.add_argument("--out", type=pathlib.Path, required=True, help="output folder")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks of errors (or JLORA_DEBUG=1)"
+    )
+    return p
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py plan",
+        description="Size a run before it starts: per-device bytes of the base, adapters, "
+        "optimizer state, gradients and activations, and the step's peak, from abstract shapes "
+        "(no weight is read). Prints a table and writes it as JSON.",
+    )
+    p.add_argument("--config", type=pathlib.Path, default=None, help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="plan for this many devices (default: this machine's); the config's mesh must fit",
+    )
+    p.add_argument(
+        "--device-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory of each device, e.g. 80GiB or 24GB (default: what the devices report)",
+    )
+    compile_ = p.add_mutually_exclusive_group()
+    compile_.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help="compile the step for XLA's exact peak (default on GPU/TPU; needs the devices here)",
+    )
+    compile_.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument(
+        "--json",
+        type=pathlib.Path,
+        default=None,
+        help="where to write the plan as JSON (default: plan-<config name>-<devices>.json)",
+    )
     p.add_argument(
         "--debug", action="store_true", help="show tracebacks of errors (or JLORA_DEBUG=1)"
     )
@@ -153,12 +202,30 @@ def _main(argv: list[str]) -> int:
 
         export.export_run(args.run, args.format, args.out)
         return 0
+    if argv[:1] == ["plan"]:
+        args = _plan_parser().parse_args(argv[1:])
+        cfg = config_lib.load(args.config or DEFAULT_CONFIG, args.overrides)
+        from jlora.train import plan
+
+        memory = None if args.device_memory is None else plan.parse_bytes(args.device_memory)
+        p = plan.plan(cfg, devices=args.devices, device_memory=memory, compile=args.compile)
+        print(p.table())
+        path = args.json or pathlib.Path(f"plan-{cfg.name}-{p.devices}.json")
+        p.write(path)
+        print(f"wrote {path}")
+        return 0 if p.fits is not False else 1
     args = _train_parser().parse_args(argv)
     cfg = config_lib.load(args.config or DEFAULT_CONFIG, args.overrides)
     from jlora.train import loop
 
     out = args.out or pathlib.Path("runs") / cfg.name
-    loop.run(cfg, out, resume=args.resume, progress=not args.no_progress)
+    loop.run(
+        cfg,
+        out,
+        resume=args.resume,
+        progress=not args.no_progress,
+        memory_check=not args.no_memory_check,
+    )
     return 0
 
 

@@ -12,7 +12,7 @@ Example:
   112
 """
 
-from jlora.adapters import Adapters, combine, delta, init, merge, split, unmerge
+from jlora.adapters import Adapters, abstract_init, combine, delta, init, merge, split, unmerge
 from jlora.config import METHODS, AdapterConfig, Rule
 from jlora.counting import summary, trainable_count
 from jlora.gradstats import gradient_stats
@@ -29,6 +29,7 @@ __all__ = [
     "AdapterSpec",
     "Adapters",
     "Rule",
+    "abstract_init",
     "combine",
     "delta",
     "gradient_stats",

@@ -221,6 +221,49 @@ def init(
     return base, adapters
 
 
+def abstract_init(
+    config: AdapterConfig, params: Any, key: jax.Array | int | None = None
+) -> Adapters:
+    """The adapters `init(config, params, key)` would make, with `jax.ShapeDtypeStruct` leaves.
+
+    Nothing is computed or allocated: `params` may itself hold `jax.ShapeDtypeStruct`s (an
+    8B model's shapes), so a run can be sized before any weight is read (`train.py plan`).
+    The specs are the ones `init` would give, except for methods with `needs_grads` whose plan
+    reads the gradients (GoRA): without a pre-pass every target counts as equally important,
+    the allocation that spends the budget (uniform LoRA's parameter count at `config.rank`).
+    The frozen base keeps its shapes under every method.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"q": {"kernel": jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)}}
+      >>> ad = jlora.abstract_init(jlora.AdapterConfig(method="slora", rank=16), params)
+      >>> {k: v.shape for k, v in ad["q/kernel"].params.items()}
+      {'A': (4096, 16), 'M': (16, 16), 'B': (16, 4096)}
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a jlora.AdapterConfig, got {type(config).__name__}")
+    tgts = targets.select(params, config.targets, config.rank, config.alpha)
+    key = _as_key(key, config.seed)
+    flat = targets.flatten(params)
+    method = METHODS[config.method]
+    keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
+    specs = method.plan(
+        {t.path: _spec(config, t) for t in tgts},
+        {t.path: flat[t.path] for t in tgts},
+        None,
+        keys,
+    )
+    out: Adapters = {}
+    for t in tgts:
+        spec = specs[t.path]
+        leaves = method.leaves(spec)
+        out[t.path] = Adapter(
+            params={n: jax.ShapeDtypeStruct(x.shape(spec), jnp.float32) for n, x in leaves.items()},
+            spec=spec,
+        )
+    return out
+
+
 def trainable_leaf_sizes(adapters: Adapters) -> dict[str, int]:
     """Number of trainable numbers per target path."""
     return {

@@ -246,7 +246,9 @@ class Method(abc.ABC):
 
         `specs` are the generic specs (rank and scale from the config), `kernels` the target
         kernels, `grads` the pre-pass gradients (methods with `needs_grads`), `keys` each
-        target's PRNG key (the one its `init` gets). Default: no change.
+        target's PRNG key (the one its `init` gets). Default: no change. `jlora.abstract_init`
+        calls it with `grads=None` and abstract kernels, to size a run before any weight is
+        read: a method that reads the gradients then plans the budget-neutral shapes.
         """
         return dict(specs)
 

@@ -147,8 +147,10 @@ class Gora(Method):
         grads: Mapping[str, jax.Array] | None,
         keys: Mapping[str, jax.Array],
     ) -> dict[str, AdapterSpec]:
-        assert grads is not None  # jlora.init checks it for methods with needs_grads
-        imps = {p: np.asarray(importance(kernels[p], grads[p])) for p in specs}
+        if grads is None:  # shapes only (jlora.abstract_init): zero importance, uniform ranks
+            imps = {p: np.zeros(s.stack) for p, s in specs.items()}
+        else:
+            imps = {p: np.asarray(importance(kernels[p], grads[p])) for p in specs}
         rank_range = next(iter(specs.values())).options.rank_range if specs else (1, 1)
         ranks, budgets = allocate_ranks(
             imps,

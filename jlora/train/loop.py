@@ -46,6 +46,7 @@ from jlora.train.report import Metrics, table, write_report
 from jlora.train.setup import (
     Setup,
     adapters_from_meta,
+    loss_of,
     rebuilds_from_meta,
     run_mesh,
     schedule,
@@ -101,6 +102,7 @@ def run(
     progress: bool = True,
     stop_after: int | None = None,
     devices: Any = None,
+    memory_check: bool = True,
 ) -> dict[str, Any]:
     """Train as `cfg` says, writing everything into `out`; returns the summary.
 
@@ -108,10 +110,23 @@ def run(
     step is not finite, and `guard.Interrupted` after checkpointing on SIGINT/SIGTERM.
     `stop_after` ends the run after that many steps (checkpointing first), for tests of resume.
     `devices` are the devices of the run's mesh (default: all; `cfg.mesh` gives its shape).
+    `memory_check`: before any weight is read, refuse a run whose memory plan
+    (`jlora.train.plan.check_fits`) exceeds what the devices report (GPUs and TPUs; CPUs report
+    nothing).
     """
     out = pathlib.Path(out)
     rows = tasks.read_data(cfg)  # data errors before the folder is touched or the model loads
     run_mesh(cfg, devices)  # and mesh errors
+    if memory_check:
+        from jlora.train.plan import check_fits
+
+        fits = check_fits(cfg, jax.devices() if devices is None else list(devices))
+        if fits is not None:
+            log.info(
+                "memory plan: about %.2f GiB per device of %.2f GiB",
+                fits.estimate / 2**30,
+                fits.device_memory / 2**30,
+            )
     with guard_lib.Signals() as signals, guard_lib.RunLock(out) as lock:
         try:
             ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint.keep)
@@ -320,19 +335,5 @@ def _train(
 
 
 def _loss_of(setup: Setup) -> Any:
-    """`loss(trainable, frozen, batch, step)` of the jitted steps.
-
-    The frozen base is an argument of the jitted steps, not a closure: closed-over arrays
-    become constants of the program, and the MiniLM LoRA step compiled 1.5x slower that way
-    (6.4 s vs 4.2 s; same step time).
-    """
-    cfg = setup.cfg
-    dropout = 0.0 if cfg.train.full_finetune else float(cfg.adapter.get("dropout", 0.0) or 0.0)
-    key = jax.random.key(cfg.train.seed)
-
-    def loss_of(trainable, frozen, batch, step):
-        params, adapters = setup.assemble(trainable, frozen)
-        rng = jax.random.fold_in(key, step) if dropout else None
-        return setup.loss(params, adapters, batch, rng)
-
-    return loss_of
+    """`loss(trainable, frozen, batch, step)` of the jitted steps (`setup.loss_of`)."""
+    return loss_of(setup.cfg, setup.model, jax.tree.leaves(setup.original)[0].dtype)

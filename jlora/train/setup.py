@@ -228,29 +228,10 @@ class Setup:
         """`(params, adapters)` the model runs with, from the trainable state (and `frozen`, by
         default `self.frozen`; jitted steps pass it as an argument)."""
         frozen = self.frozen if frozen is None else frozen
-        if "params" in trainable:
-            dtype = jax.tree.leaves(self.original)[0].dtype
-            return jax.tree.map(lambda x: x.astype(dtype), trainable["params"]), {}
-        params = {**frozen["base"], **trainable["head"]}
-        return params, jlora.combine(trainable["adapters"], frozen["adapters"])
+        return assemble(trainable, frozen, jax.tree.leaves(self.original)[0].dtype)
 
     def optimizer(self) -> optax.GradientTransformation:
-        t = self.cfg.train
-        lr = schedule(self.cfg, t.learning_rate)
-        txs: dict[str, optax.GradientTransformation] = {}
-        if "params" in self.trainable:
-            txs["params"] = optax.adamw(lr, weight_decay=t.weight_decay)
-        else:
-            txs["adapters"] = jlora.optimizer(
-                self.trainable["adapters"],
-                optax.adam(lr),
-                weight_decay=t.weight_decay,
-                learning_rate=lr,
-            )
-            head_lr = schedule(self.cfg, t.head_learning_rate or t.learning_rate)
-            txs["head"] = optax.adamw(head_lr, weight_decay=t.weight_decay)
-        parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm else []
-        return optax.chain(*parts, by_key(txs))
+        return optimizer(self.cfg, self.trainable)
 
     def initial_state(self, tx: optax.GradientTransformation) -> dict[str, Any]:
         """The training state at step 0 (also the `like` tree of a restore)."""
@@ -268,6 +249,57 @@ class Setup:
 
     def trainable_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.trainable)))
+
+
+def assemble(trainable: Any, frozen: Any, dtype: Any) -> tuple[Any, Any]:
+    """`(params, adapters)` the model runs with, from the trainable state and the frozen rest
+    (full fine-tuning: the fp32 parameters cast to the model's `dtype`)."""
+    if "params" in trainable:
+        return jax.tree.map(lambda x: x.astype(dtype), trainable["params"]), {}
+    params = {**frozen["base"], **trainable["head"]}
+    return params, jlora.combine(trainable["adapters"], frozen["adapters"])
+
+
+def optimizer(cfg: RunConfig, trainable: Any) -> optax.GradientTransformation:
+    """The run's optimizer over its trainable state (`{"params"}` for full fine-tuning, else
+    `{"adapters", "head"}`): clipping, then AdamW per key, adapters through `jlora.optimizer`
+    (frozen leaves get no state; per-leaf learning-rate ratios such as GoRA's B)."""
+    t = cfg.train
+    lr = schedule(cfg, t.learning_rate)
+    txs: dict[str, optax.GradientTransformation] = {}
+    if "params" in trainable:
+        txs["params"] = optax.adamw(lr, weight_decay=t.weight_decay)
+    else:
+        txs["adapters"] = jlora.optimizer(
+            trainable["adapters"],
+            optax.adam(lr),
+            weight_decay=t.weight_decay,
+            learning_rate=lr,
+        )
+        head_lr = schedule(cfg, t.head_learning_rate or t.learning_rate)
+        txs["head"] = optax.adamw(head_lr, weight_decay=t.weight_decay)
+    parts = [optax.clip_by_global_norm(t.clip_norm)] if t.clip_norm else []
+    return optax.chain(*parts, by_key(txs))
+
+
+def loss_of(cfg: RunConfig, model: Any, dtype: Any) -> Any:
+    """`loss(trainable, frozen, batch, step)` of the jitted steps, for the run's model computing
+    in `dtype` (dropout keys fold in the step).
+
+    The frozen base is an argument of the jitted steps, not a closure: closed-over arrays
+    become constants of the program, and the MiniLM LoRA step compiled 1.5x slower that way
+    (6.4 s vs 4.2 s; same step time).
+    """
+    loss = tasks.loss_fn(cfg, model)
+    dropout = 0.0 if cfg.train.full_finetune else float(cfg.adapter.get("dropout", 0.0) or 0.0)
+    key = jax.random.key(cfg.train.seed)
+
+    def loss_of(trainable, frozen, batch, step):
+        params, adapters = assemble(trainable, frozen, dtype)
+        rng = jax.random.fold_in(key, step) if dropout else None
+        return loss(params, adapters, batch, rng)
+
+    return loss_of
 
 
 def run_mesh(cfg: RunConfig, devices: Any = None) -> Mesh:
