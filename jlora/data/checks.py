@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from jlora.data.gsm8k import extract_answer
+from jlora.data.gsm8k import MARKERS, extract_answer
 from jlora.data.sources import Table, _short
 from jlora.errors import DataError
 
@@ -89,8 +89,9 @@ def check_final_answers(table: Table, column: str, *, marker: bool) -> None:
     """Every row's `column` holds a GSM8K final answer `jlora.data.extract_answer` finds.
 
     With `marker` (training targets, which teach the model how to end its answer) the number
-    must follow a `####` line; without it (evaluation references) any number will do, since a
-    reference without one can never be matched.
+    must follow a final-answer marker (a `####` line, or MetaMathQA's `The answer is:`); without
+    it (evaluation references) any number will do, since a reference without one can never be
+    matched.
 
     Example:
       >>> check_final_answers(Table("t.jsonl", [{"answer": "So 4.\\n#### 4"}], lines=[1]),
@@ -99,9 +100,9 @@ def check_final_answers(table: Table, column: str, *, marker: bool) -> None:
     for i, row in enumerate(table.rows):
         text = row[column]
         found = isinstance(text, str) and extract_answer(text) is not None
-        if found and (not marker or "####" in text):
+        if found and (not marker or any(m in text for m in MARKERS)):
             continue
-        need = "a final-answer line '#### <number>'"
+        need = "a final-answer line '#### <number>' (or MetaMathQA's 'The answer is: <number>')"
         if not marker:
             need = f"a number to score against, e.g. {need}"
         raise DataError(

@@ -61,6 +61,9 @@ class DataConfig:
     source: str = "data/sst2"
     train_split: str = "train"
     eval_split: str = "dev"
+    # Where the evaluation split is read from (None: `source`). The papers' math runs train on
+    # MetaMathQA (`meta-math/MetaMathQA`, read as GSM8K rows) and evaluate on GSM8K's test split.
+    eval_source: str | None = None
     max_length: int = 64
     # Padded sequence lengths; each batch takes the smallest that fits (few compilations).
     buckets: tuple[int, ...] = (16, 32, 64)
@@ -416,6 +419,7 @@ def load(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> RunC
 RESUMABLE = (
     "name",
     "model.remat",
+    "data.eval_source",
     "data.eval_split",
     "data.max_eval_examples",
     "data.max_new_tokens",

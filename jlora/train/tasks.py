@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import data as jdata
-from jlora.data import checks
+from jlora.data import checks, metamath
 from jlora.errors import ConfigError
 from jlora.inject import inject
 from jlora.models.generate import generate
@@ -131,11 +131,13 @@ def read_data(cfg: Any) -> dict[str, list[dict[str, Any]]]:
     """
     d = cfg.data
     out = {}
-    for role, split, limit in (
-        ("train", d.train_split, d.max_train_examples),
-        ("eval", d.eval_split, d.max_eval_examples),
+    for role, source, split, limit in (
+        ("train", d.source, d.train_split, d.max_train_examples),
+        ("eval", d.eval_source or d.source, d.eval_split, d.max_eval_examples),
     ):
-        table = jdata.load_table(d.source, split).head(limit)
+        table = jdata.load_table(source, split).head(limit)
+        if cfg.task == "gsm8k" and metamath.is_metamath(table):
+            table = metamath.as_gsm8k(table)
         check_table(cfg, table, train=role == "train")
         out[role] = table.rows
     return out
