@@ -146,7 +146,13 @@ def gradient_stats(
       What `jlora.init(config, params, key, grads=...)` takes.
     """
     tgts = targets.select(params, config.targets, config.rank, config.alpha)
-    acc = {t.path: jnp.zeros(t.shape, jnp.float32) for t in tgts}
+    flat = targets.flatten(params)
+    # Each accumulator takes its kernel's layout (on a mesh: FSDP/tensor-sharded, never whole
+    # on one device); the donated step keeps it.
+    acc = {
+        t.path: jnp.zeros(t.shape, jnp.float32, device=getattr(flat[t.path], "sharding", None))
+        for t in tgts
+    }
     n, start = 0, time.perf_counter()
     for batch in batches:
         acc = _accumulate(acc, params, batch, loss_fn=loss_fn)

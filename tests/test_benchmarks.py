@@ -200,3 +200,17 @@ def test_remat_cost_rows_agree(tmp_path, capsys):
     assert rows["none"]["peak_vs_none"] == 1.0
     assert all(r["memory"]["peak"] > 0 and r["vs_none"] > 0 for r in rows.values())
     assert "÷ none (paired)" in capsys.readouterr().out
+
+
+def test_plan_cost_rows(tmp_path, capsys):
+    """`python -m benchmarks.plan_cost` on stories260K: the plan's compiled peak is the measured
+    one, and the estimate is within a third of it (fp32, no remat: XLA:CPU holds what a GPU
+    would; BENCHMARKS.md h has every workload)."""
+    from benchmarks import plan_cost
+
+    argv = ["--workloads", "stories260K fp32 8×256", "--methods", "lora"]
+    assert plan_cost.main([*argv, "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "plan_cost.json").read_text())["rows"]
+    assert row["compiled_equals_measured"] and row["plan_compiled"] == row["measured_peak"]
+    assert 0.75 < row["estimate_vs_measured"] < 1.33
+    assert "estimate ÷ measured" in capsys.readouterr().out

@@ -94,6 +94,9 @@ class Plan:
     trainable: int
     # Bytes per device of each of PARTS.
     per_device: dict[str, int]
+    # The gradient pre-pass of GoRA / LoRA-GA (None for other methods): the base, an fp32
+    # accumulator and one micro-batch's fp32 gradient of every target kernel, and activations.
+    prepass: int | None
     # The sum of PARTS (always), and XLA's compiled peak (where the step was compiled).
     estimate: int
     compiled: int | None
@@ -103,8 +106,10 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        """The compiled peak where there is one, else the estimate."""
-        return self.estimate if self.compiled is None else self.compiled
+        """The training step's compiled peak where there is one, else its estimate; or the
+        pre-pass's, where that is higher."""
+        step = self.estimate if self.compiled is None else self.compiled
+        return max(step, self.prepass or 0)
 
     @property
     def fits(self) -> bool | None:
@@ -117,6 +122,8 @@ class Plan:
 
     @property
     def peak_source(self) -> str:
+        if self.prepass is not None and self.peak == self.prepass:
+            return "pre-pass"
         return "estimate" if self.compiled is None else "compiled"
 
     def table(self) -> str:
@@ -133,6 +140,11 @@ class Plan:
             note = " (estimate)" if part == "activations" else ""
             lines.append(f"    {part + note:<24}{_gib(self.per_device[part])}")
         lines.append(f"    {'sum (estimate)':<24}{_gib(self.estimate)}")
+        if self.prepass is not None:
+            lines.append(
+                f"    {'pre-pass (estimate)':<24}{_gib(self.prepass)}   {self.method}'s gradient "
+                "pre-pass: base, fp32 gradients of the targets (sum and step), activations"
+            )
         if self.compiled is not None:
             lines.append(
                 f"    {'peak (compiled)':<24}{_gib(self.compiled)}   XLA memory analysis of "
@@ -303,6 +315,7 @@ def plan(
     except ValueError as e:
         raise ConfigError(f"{e} ({n} devices planned)") from e
     t = cfg.train
+    prepass_grads = None
     micro = t.batch_size // t.grad_accum
     shards = sizes["data"] * sizes["fsdp"]
     if micro % shards:
@@ -339,6 +352,13 @@ def plan(
         frozen = {"adapters": fr, "base": {k: base[k] for k in rest}}
         frozen_specs = {"adapters": fr_specs, "base": {k: base_specs[k] for k in rest}}
         adapter_bytes = _tree_bytes(fr, fr_specs, sizes)
+        if setup_lib.needs_grads(cfg):
+            flat_specs = jlora.targets.flatten(base_specs)
+            flat_base = jlora.targets.flatten(base)
+            prepass_grads = 2 * sum(
+                _local_bytes(tuple(flat_base[p].shape), jnp.float32, flat_specs[p], sizes)
+                for p in adapters
+            )
     tx = setup_lib.optimizer(cfg, trainable)
     opt = jax.eval_shape(tx.init, trainable)
     opt_leaves = _state_specs(opt, trainable, trainable_specs)
@@ -388,6 +408,9 @@ def plan(
         parameters=count(base),
         trainable=count(trainable),
         per_device=per_device,
+        prepass=None
+        if prepass_grads is None
+        else per_device["base"] + prepass_grads + per_device["activations"],
         estimate=sum(per_device.values()),
         compiled=compiled,
         compile_seconds=seconds,

@@ -2,7 +2,9 @@
 for each model family, method and mesh shape, the loss and the adapter gradients of a sharded
 step (base by the family's rules, adapters derived from their kernels, batch over data × fsdp)
 against the same step without shardings. Prints one JSON object per line:
-{"family", "method", "mesh", "loss_diff", "grad_diff", "grad_scale", "layouts"}."""
+{"family", "method", "mesh", "loss_diff", "grad_diff", "grad_scale", "layouts"}; and for the
+Llama, GoRA's gradient pre-pass on each mesh (method "prepass", "kernel_layouts": whether every
+accumulator came back in its kernel's layout)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 import jlora
 import jlora.models as jm
@@ -87,6 +90,44 @@ def sharded_args(m, mesh, trainable, frozen, base, ids, mask):
     return (*placed, jax.device_put(mask, sharding.named(mesh, batch))), tr_specs
 
 
+def prepass_rows(m, params, ids, mask):
+    """GoRA's gradient pre-pass (`jlora.gradient_stats`) on the placed base against the unplaced
+    one: the same mean gradients, each accumulator in its kernel's layout."""
+    cfg = jlora.AdapterConfig(method="gora", rank=4, targets=jm.preset(m, "all-linear"))
+
+    def loss(p, batch):
+        out = m.apply({"params": p}, batch["ids"], batch["mask"])
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    batch = {"ids": ids, "mask": mask}
+    want = jlora.gradient_stats(loss, params, [batch, batch], cfg)
+    for shape in MESHES:
+        sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+        mesh = sharding.make_mesh(sharding.MeshShape(**sizes))
+        specs = sharding.param_specs(params, jm.sharding_rules(m), mesh)
+        placed = jax.device_put(params, sharding.named(mesh, specs))
+        placed_batch = jax.device_put(batch, NamedSharding(mesh, sharding.P(sharding.BATCH)))
+        got = jlora.gradient_stats(loss, placed, [placed_batch, placed_batch], cfg)
+        flat = jlora.targets.flatten(specs)
+        same = {
+            p: g.sharding.is_equivalent_to(NamedSharding(mesh, flat[p]), g.ndim)
+            for p, g in got.items()
+        }
+        row = {
+            "family": "llama",
+            "method": "prepass",
+            "mesh": list(shape),
+            "loss_diff": 0.0,
+            "grad_diff": max(float(np.abs(np.asarray(got[p]) - want[p]).max()) for p in want),
+            "grad_scale": max(float(np.abs(x).max()) for x in want.values()),
+            "kernel_layouts": all(same.values()),
+            "sharded_targets": sum(
+                not NamedSharding(mesh, flat[p]).is_fully_replicated for p in got
+            ),
+        }
+        print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
     for family in ("llama", "bert"):
@@ -125,6 +166,8 @@ def main() -> int:
                     "layouts": {n: str(x.sharding.spec) for n, x in got[path].params.items()},
                 }
                 print(json.dumps(row), flush=True)
+        if family == "llama":
+            prepass_rows(m, params, ids, mask)
     return 0
 
 
