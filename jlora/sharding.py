@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -56,6 +56,8 @@ __all__ = [
     "make_mesh",
     "named",
     "param_specs",
+    "placer",
+    "spec_of",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -146,17 +148,42 @@ def _sizes(mesh: Mesh | Mapping[str, int]) -> Mapping[str, int]:
     return dict(mesh.shape) if isinstance(mesh, Mesh) else mesh
 
 
+def spec_of(
+    path: str, shape: tuple[int, ...], rules: Sequence[Rule], mesh: Mesh | Mapping[str, int]
+) -> P:
+    """The `PartitionSpec` of one parameter: the first rule whose pattern fully matches its
+    '/'-joined `path`, else replicated (see the module docstring)."""
+    axes = next((r.axes for r in rules if re.fullmatch(r.pattern, path)), ())
+    return _fit(tuple(shape), axes, _sizes(mesh))
+
+
 def param_specs(params: Any, rules: Sequence[Rule], mesh: Mesh | Mapping[str, int]) -> Any:
     """A pytree like `params` of `PartitionSpec`s: the first rule whose pattern fully matches
     the leaf's '/'-joined path, else replicated (see the module docstring)."""
-    sizes = _sizes(mesh)
-    compiled = [(re.compile(r.pattern), r.axes) for r in rules]
     flat = traverse_util.flatten_dict(params, sep="/")
-    out = {}
-    for path, leaf in flat.items():
-        axes = next((a for rx, a in compiled if rx.fullmatch(path)), ())
-        out[path] = _fit(tuple(np.shape(leaf)), axes, sizes)
+    out = {path: spec_of(path, np.shape(leaf), rules, mesh) for path, leaf in flat.items()}
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[[str, Any], jax.Array]:
+    """`place(path, x)`: the host array `x` as a `jax.Array` laid out on `mesh` by `rules`, each
+    device receiving only its own slice (`jax.make_array_from_callback`), so a model read one
+    tensor at a time is never whole on any device (`jlora.models.load(..., mesh=)`).
+
+    Example:
+      >>> mesh = make_mesh(MeshShape(), jax.devices()[:1])
+      >>> placer(mesh, (Rule("w", ("fsdp", None)),))("w", np.ones((4, 2))).sharding.spec
+      PartitionSpec('fsdp', None)
+    """
+
+    def place(path: str, x: Any) -> jax.Array:
+        host = np.asarray(x)
+        spec = spec_of(path, host.shape, rules, mesh)
+        return jax.make_array_from_callback(
+            host.shape, NamedSharding(mesh, spec), lambda index: host[index]
+        )
+
+    return place
 
 
 def adapter_specs(

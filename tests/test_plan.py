@@ -247,3 +247,15 @@ def test_cli_plan_prints_and_writes_json(tmp_path):
         [*cmd[:-4], "--device-memory", "lots"], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "device memory 'lots' is invalid" in bad.stderr
+
+
+def test_a_plan_that_cannot_be_made_does_not_stop_the_run(monkeypatch, caplog):
+    monkeypatch.setattr(plan_lib, "device_memory_of", lambda devices: 1 << 40)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such shape")
+
+    monkeypatch.setattr(plan_lib, "plan", broken)
+    cfg = config_lib.from_dict({"task": "gsm8k", "model": {"source": str(STORIES)}})
+    assert plan_lib.check_fits(cfg, jax.devices()) is None
+    assert "memory plan not made (RuntimeError: no such shape)" in caplog.text

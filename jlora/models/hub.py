@@ -238,33 +238,71 @@ def _params_from(where: pathlib.Path, fam: ModuleType, *args: Any, **kwargs: Any
         raise ModelFileError(f"{where}: {_message(e)}") from None
 
 
-def _load_folder(folder: pathlib.Path, dtype: Any, num_labels: int | None, key: Any) -> tuple:
+def _placement(fam: ModuleType, mesh: Any) -> tuple[Any, Any]:
+    """`(place, context)`: the family's placer on `mesh` and a context that keeps the tensors
+    read before placement in host memory (the CPU backend); no-ops without a mesh."""
+    if mesh is None:
+        return None, contextlib.nullcontext()
+    from jlora import sharding
+
+    try:
+        host = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: tensors pass through the default device
+        host = None
+    context = contextlib.nullcontext() if host is None else jax.default_device(host)
+    return sharding.placer(mesh, fam.SHARDING), context
+
+
+def _load_folder(
+    folder: pathlib.Path, dtype: Any, num_labels: int | None, key: Any, mesh: Any
+) -> tuple:
     fam, cfg = _build_from(folder / "config.json", _read_json(folder / "config.json"), num_labels)
+    place, on_host = _placement(fam, mesh)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(on_host)
         names, read = _safetensors_reader(folder, stack)
         kwargs = {"key": key} if fam.__name__.endswith("bert.params") else {}
-        params = _params_from(folder, fam, cfg, names, read, dtype, **kwargs)
+        params = _params_from(folder, fam, cfg, names, read, dtype, place=place, **kwargs)
     return fam.model_class(cfg, dtype), params, _tokenizer(folder)
 
 
-def _load_gguf(path: pathlib.Path, dtype: Any) -> tuple:
+def _load_gguf(path: pathlib.Path, dtype: Any, mesh: Any) -> tuple:
     from jlora.models import gguf
 
     ckpt = gguf.GGUFCheckpoint(path)
     fam, cfg = _build_from(path, ckpt.config, None)
-    params = _params_from(path, fam, cfg, ckpt.names(), ckpt.read, dtype)
+    place, on_host = _placement(fam, mesh)
+    with on_host:
+        params = _params_from(path, fam, cfg, ckpt.names(), ckpt.read, dtype, place=place)
     return fam.model_class(cfg, dtype), params, gguf.tokenizer(ckpt)
 
 
-def _load_llama2c(path: pathlib.Path, dtype: Any) -> tuple:
+def _load_llama2c(path: pathlib.Path, dtype: Any, mesh: Any) -> tuple:
     from jlora.models import llama2c
     from jlora.models.llama import Llama
+    from jlora.models.llama import params as fam
 
     cfg, params = llama2c.load_checkpoint(path)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    place, on_host = _placement(fam, mesh)
+    with on_host:
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    if place is not None:
+        flat = {"/".join(str(k.key) for k in kp): x for kp, x in jax.tree.leaves_with_path(params)}
+        params = _unflatten({p: place(p, x) for p, x in flat.items()})
     toks = sorted(path.parent.glob("tok*.bin"))
     tokenizer = llama2c.Llama2cTokenizer(toks[0]) if toks else None
     return Llama(cfg, dtype), params, tokenizer
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, x in flat.items():
+        *parents, leaf = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = x
+    return out
 
 
 def _looks_local(text: str) -> bool:
@@ -302,6 +340,7 @@ def load(
     num_labels: int | None = None,
     key: jax.Array | None = None,
     require_tokenizer: bool = False,
+    mesh: Any = None,
 ) -> tuple[Any, Any, Any]:
     """`(model, params, tokenizer)` of a pretrained checkpoint (see the module docstring).
 
@@ -313,6 +352,10 @@ def load(
       key: PRNG key for a freshly initialised head (default `jax.random.key(0)`).
       require_tokenizer: raise `ModelFileError` when the source has no tokenizer files
         (checked before the weights are read).
+      mesh: a `jax.sharding.Mesh` with `jlora.sharding.MESH_AXES`: each tensor is placed in its
+        family's layout (`jlora.models.sharding_rules`) as soon as it is read, every device
+        receiving only its slice, so the model is never whole on one device (the tensors
+        pass through host memory one at a time).
 
     `tokenizer` is None when the source has no tokenizer files (and `require_tokenizer` is off).
     """
@@ -328,10 +371,10 @@ def load(
     if require_tokenizer and not _has_tokenizer(path):
         raise _no_tokenizer(path)
     if path.is_dir():
-        return _load_folder(path, dtype, num_labels, key)
+        return _load_folder(path, dtype, num_labels, key, mesh)
     if path.suffix == ".gguf":
-        return _load_gguf(path, dtype)
-    return _load_llama2c(path, dtype)
+        return _load_gguf(path, dtype, mesh)
+    return _load_llama2c(path, dtype, mesh)
 
 
 def _from_hub(repo_id: str) -> pathlib.Path:

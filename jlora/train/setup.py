@@ -168,6 +168,7 @@ class Setup:
             num_labels=num_labels,
             key=jax.random.key(t.seed),
             require_tokenizer=True,
+            mesh=mesh,  # each tensor straight into its layout: never whole on one device
         )
         self.model = self.model.clone(remat=cfg.model.remat)
         self.place = Placement(mesh, jm.sharding_rules(self.model))

