@@ -145,6 +145,24 @@ def _spec(config: AdapterConfig, t: targets.Target) -> AdapterSpec:
     )
 
 
+def _planned(
+    config: AdapterConfig,
+    tgts: list[targets.Target],
+    flat: dict[str, Any],
+    gflat: dict[str, jax.Array] | None,
+    key: jax.Array,
+) -> tuple[dict[str, jax.Array], dict[str, AdapterSpec]]:
+    """Each target's PRNG key and final spec (the method's whole-model `plan`)."""
+    keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
+    specs = METHODS[config.method].plan(
+        {t.path: _spec(config, t) for t in tgts},
+        {t.path: flat[t.path] for t in tgts},
+        gflat,
+        keys,
+    )
+    return keys, specs
+
+
 def init(
     config: AdapterConfig,
     params: Any,
@@ -192,13 +210,7 @@ def init(
         raise ValueError(f"grads is only used by methods {needing}, not {config.method!r}")
 
     start = time.perf_counter()
-    keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
-    specs = method.plan(
-        {t.path: _spec(config, t) for t in tgts},
-        {t.path: flat[t.path] for t in tgts},
-        gflat,
-        keys,
-    )
+    keys, specs = _planned(config, tgts, flat, gflat, key)
     adapters: Adapters = {}
     new_kernels: dict[str, jax.Array] = {}
     for t in tgts:
@@ -246,13 +258,7 @@ def abstract_init(
     key = _as_key(key, config.seed)
     flat = targets.flatten(params)
     method = METHODS[config.method]
-    keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
-    specs = method.plan(
-        {t.path: _spec(config, t) for t in tgts},
-        {t.path: flat[t.path] for t in tgts},
-        None,
-        keys,
-    )
+    _, specs = _planned(config, tgts, flat, None, key)
     out: Adapters = {}
     for t in tgts:
         spec = specs[t.path]
