@@ -173,7 +173,7 @@ def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[[str, Any], jax.Array]
     Example:
       >>> mesh = make_mesh(MeshShape(), jax.devices()[:1])
       >>> placer(mesh, (Rule("w", ("fsdp", None)),))("w", np.ones((4, 2))).sharding.spec
-      PartitionSpec('fsdp', None)
+      P('fsdp', None)
     """
 
     def place(path: str, x: Any) -> jax.Array:
