@@ -124,6 +124,13 @@ def _accumulate(
     }
 
 
+def _layout(kernel: Any) -> Any:
+    """A kernel's sharding when it spans several devices (else None: an uncommitted array, so
+    the jitted step's cache key is the one a single-device caller compiled)."""
+    s = getattr(kernel, "sharding", None)
+    return s if s is not None and len(s.device_set) > 1 else None
+
+
 def gradient_stats(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
@@ -149,10 +156,7 @@ def gradient_stats(
     flat = targets.flatten(params)
     # Each accumulator takes its kernel's layout (on a mesh: FSDP/tensor-sharded, never whole
     # on one device); the donated step keeps it.
-    acc = {
-        t.path: jnp.zeros(t.shape, jnp.float32, device=getattr(flat[t.path], "sharding", None))
-        for t in tgts
-    }
+    acc = {t.path: jnp.zeros(t.shape, jnp.float32, device=_layout(flat[t.path])) for t in tgts}
     n, start = 0, time.perf_counter()
     for batch in batches:
         acc = _accumulate(acc, params, batch, loss_fn=loss_fn)
