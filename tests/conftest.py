@@ -195,12 +195,19 @@ def hf_twin(family: str, **overrides):
     return torch, hf_cfg, tm, Llama(cfg), lp.params_from_hf(cfg, sd, sd.__getitem__)
 
 
-# Environment of the subprocesses that simulate 8 devices on the CPU. XLA:CPU aborts a process
-# whose collective waits more than 40 s for one of its device threads (a rendezvous
-# "termination timeout"); on a 2-core machine shared with another pytest worker that happened
-# (CI, 2026-12-02), so the limit is raised: a slow host is not a hang.
+# Environment of the subprocesses that simulate 8 devices on the CPU.
+# - XLA:CPU runs each device's share of a program on a pool of max(cores, devices) threads, and a
+#   collective blocks its thread until every participant arrives. With two programs in flight
+#   (asynchronous dispatch), the second one's participants can hold threads that the first
+#   one's last participant needs: a deadlock (CI, 2026-12-03: "Expected 4 threads to join the
+#   rendezvous, but only 3 of them arrived", after 1200 s). NPROC sizes the pools (32 threads;
+#   xla/pjrt/utils DefaultThreadPoolSize), so that several programs' participants fit at once.
+# - XLA:CPU aborts a process whose collective waits more than 40 s for a device thread; on a
+#   2-core machine shared with another pytest worker that happened (CI, 2026-12-02), so the limit
+#   is raised: a slow host is not a hang.
 MULTIDEVICE_ENV = {
     **os.environ,
+    "NPROC": "32",
     "XLA_FLAGS": " ".join(
         (
             os.environ.get("XLA_FLAGS", ""),
