@@ -1,7 +1,10 @@
 """`init`, `merge`, `unmerge` and `delta` over parameter pytrees.
 
 Adapters are a dict `{kernel path: Adapter}`, separate from the frozen base parameters. Inits and
-merges run under `jax.jit` in fp32 and are cast back to the kernel's dtype.
+merges run under `jax.jit` in fp32 and are cast back to the kernel's dtype. A kernel laid out on
+a device mesh gets its adapter's leaves (and a rewritten kernel) straight in their layouts
+(`jlora.sharding.adapter_specs`; the kernel's own), so an init never gathers a whole kernel's
+result on one device.
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora
@@ -25,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jlora import targets
 from jlora.config import AdapterConfig
@@ -64,7 +68,7 @@ def with_seed(spec: AdapterSpec, seed: jax.Array | None) -> AdapterSpec:
     return spec if seed is None else dataclasses.replace(spec, seed=seed)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(jax.jit, static_argnames=("spec", "layouts"))
 def _init_jit(
     K: jax.Array,
     key: jax.Array,
@@ -72,21 +76,45 @@ def _init_jit(
     seed: jax.Array | None,
     *,
     spec: AdapterSpec,
+    layouts: tuple | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array | None]:
     K32 = K.astype(jnp.float32)
     traced_spec = with_seed(spec, seed)
     method = METHODS[spec.method]
     params = method.init(K32, key, traced_spec, grad)
-    if not method.residual(spec.options):
-        return params, None
-    return params, method.unmerge(K32, params, traced_spec).astype(K.dtype)
+    new_kernel = None
+    if method.residual(spec.options):
+        new_kernel = method.unmerge(K32, params, traced_spec).astype(K.dtype)
+    if layouts is not None:  # the outputs in their final layouts, never whole on one device
+        leaves, kernel = dict(layouts[0]), layouts[1]
+        params = {n: jax.lax.with_sharding_constraint(x, leaves[n]) for n, x in params.items()}
+        if new_kernel is not None:
+            new_kernel = jax.lax.with_sharding_constraint(new_kernel, kernel)
+    return params, new_kernel
+
+
+def _layouts(K: Any, spec: AdapterSpec) -> tuple | None:
+    """`(((leaf, NamedSharding), ...), kernel's NamedSharding)`: where a kernel laid out on a
+    mesh puts its adapter's leaves (`jlora.sharding.adapter_specs`) and its rewritten kernel
+    (its own layout); None for a kernel on one device."""
+    s = getattr(K, "sharding", None)
+    if not isinstance(s, NamedSharding) or s.mesh.size == 1:
+        return None
+    from jlora import sharding
+
+    leaves = METHODS[spec.method].leaves(spec)
+    shapes = {n: jax.ShapeDtypeStruct(leaf.shape(spec), jnp.float32) for n, leaf in leaves.items()}
+    specs = sharding.adapter_specs({"k": Adapter(params=shapes, spec=spec)}, {"k": s.spec}, s.mesh)
+    named = tuple(sorted((n, NamedSharding(s.mesh, p)) for n, p in specs["k"].params.items()))
+    return named, s
 
 
 def _init_target(
     K: jax.Array, key: jax.Array, grad: jax.Array | None, spec: AdapterSpec
 ) -> tuple[Adapter, jax.Array | None]:
     static_spec, seed = split_seed(spec)
-    params, new_kernel = _init_jit(K, key, grad, seed, spec=static_spec)
+    layouts = _layouts(K, static_spec)
+    params, new_kernel = _init_jit(K, key, grad, seed, spec=static_spec, layouts=layouts)
     _check_leaves(spec, params)
     return Adapter(params=params, spec=spec), new_kernel
 

@@ -112,7 +112,9 @@ def test_stacked_kernels_keep_their_stack_axes(stacked_params):
 @pytest.mark.slow
 def test_sharded_loss_and_gradients_equal_unsharded_on_8_devices():
     """lora, slora, dora, nola and vera on a Llama (slora and vera on a BERT), meshes (2,4,1),
-    (2,2,2) and (1,1,8): loss and adapter gradients within 1e-5 of the unsharded step."""
+    (2,2,2) and (1,1,8): loss and adapter gradients within 1e-5 of the unsharded step; GoRA's
+    pre-pass and the NLoRA (residual), PiSSA, GoRA and LoRA-GA inits on the placed base: the
+    unplaced results, in their layouts."""
     run = subprocess.run(
         [sys.executable, str(SCRIPT)],
         env=MULTIDEVICE_ENV,
@@ -122,13 +124,15 @@ def test_sharded_loss_and_gradients_equal_unsharded_on_8_devices():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == (5 + 2 + 1) * 3
+    assert len(rows) == (5 + 2 + 1 + 4) * 3
     for r in rows:
         where = f"{r['family']} {r['method']} mesh {r['mesh']}"
         assert r["loss_diff"] <= 1e-5, where
         assert r["grad_diff"] <= 1e-5 * r["grad_scale"], where
         if r["method"] == "prepass":  # GoRA's accumulators stay sharded like their kernels
             assert r["kernel_layouts"] and r["sharded_targets"] > 0, where
+        if r["method"].startswith("init-"):  # inits write their outputs in their layouts
+            assert r["init_layouts"] and r["sharded_leaves"] > 0, where
         if r["mesh"] == [2, 2, 2] and r["method"] in ("lora", "slora"):
             ab = {k: r["layouts"][k] for k in "AB"}
             assert ab == {"A": "P('tensor', None)", "B": "P(None, 'fsdp')"}, where

@@ -4,7 +4,10 @@ step (base by the family's rules, adapters derived from their kernels, batch ove
 against the same step without shardings. Prints one JSON object per line:
 {"family", "method", "mesh", "loss_diff", "grad_diff", "grad_scale", "layouts"}; and for the
 Llama, GoRA's gradient pre-pass on each mesh (method "prepass", "kernel_layouts": whether every
-accumulator came back in its kernel's layout)."""
+accumulator came back in its kernel's layout), and the inits that compute from the kernel
+(method "init-<name>": the merged weights of `jlora.init` on the placed base against the
+unplaced one, "init_layouts": whether every adapter leaf and rewritten kernel came out of the
+init in its final layout)."""
 
 from __future__ import annotations
 
@@ -128,6 +131,72 @@ def prepass_rows(m, params, ids, mask):
         print(json.dumps(row), flush=True)
 
 
+# Inits that read the kernel (NLoRA's CUR slices, PiSSA's SVD; both rewrite the kernel) or the
+# pre-pass gradients (GoRA's and LoRA-GA's B).
+INIT_METHODS = {
+    "nlora": {"nlora_core": "pinv"},  # pinv core: the residual kernel is written
+    "pissa": {},
+    "gora": {},
+    "loraga": {},
+}
+
+
+def init_rows(m, params):
+    """`jlora.init` on the base placed by the family's rules (gradients laid out like their
+    kernels) against the unplaced init: the same merged weights, every output in its layout."""
+    flat_params = jlora.targets.flatten(params)
+    preset = jm.preset(m, "all-linear")
+    for method, options in INIT_METHODS.items():
+        cfg = jlora.AdapterConfig(method=method, rank=4, targets=preset, **options)
+        paths = [t.path for t in jlora.targets.select(params, cfg.targets, cfg.rank, cfg.alpha)]
+        keys = jax.random.split(jax.random.key(5), len(paths))
+        grads = None
+        if jlora.METHODS[method].needs_grads:
+            grads = {
+                p: jax.random.normal(k, flat_params[p].shape)
+                for p, k in zip(paths, keys, strict=True)
+            }
+        base0, ad0 = jlora.init(cfg, params, 0, grads=grads)
+        want = jlora.targets.flatten(jlora.merge(base0, ad0))
+        for shape in MESHES:
+            sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+            mesh = sharding.make_mesh(sharding.MeshShape(**sizes))
+            specs = sharding.param_specs(params, jm.sharding_rules(m), mesh)
+            placed = jax.device_put(params, sharding.named(mesh, specs))
+            kspecs = jlora.targets.flatten(specs)
+            g = None
+            if grads is not None:
+                g = {p: jax.device_put(x, NamedSharding(mesh, kspecs[p])) for p, x in grads.items()}
+            base, ad = jlora.init(cfg, placed, 0, grads=g)
+            layouts = sharding.adapter_specs(ad, {p: kspecs[p] for p in ad}, mesh)
+            ok = [
+                x.sharding.is_equivalent_to(NamedSharding(mesh, layouts[p].params[n]), x.ndim)
+                for p in ad
+                for n, x in ad[p].params.items()
+            ]
+            flat_base = jlora.targets.flatten(base)
+            ok += [
+                flat_base[p].sharding.is_equivalent_to(NamedSharding(mesh, kspecs[p]), 2)
+                for p in ad
+            ]
+            got = jlora.targets.flatten(jlora.merge(base, ad))
+            row = {
+                "family": "llama",
+                "method": f"init-{method}",
+                "mesh": list(shape),
+                "loss_diff": 0.0,
+                "grad_diff": max(float(np.abs(np.asarray(got[p]) - want[p]).max()) for p in ad),
+                "grad_scale": max(float(np.abs(want[p]).max()) for p in ad),
+                "init_layouts": all(ok),
+                "sharded_leaves": sum(
+                    not x.sharding.is_fully_replicated
+                    for a in ad.values()
+                    for x in a.params.values()
+                ),
+            }
+            print(json.dumps(row), flush=True)
+
+
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
     for family in ("llama", "bert"):
@@ -168,6 +237,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
         if family == "llama":
             prepass_rows(m, params, ids, mask)
+            init_rows(m, params)
     return 0
 
 
