@@ -36,6 +36,8 @@ CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
               nonfinite (stop | skip), max_skipped_steps
   checkpoint: every, keep
   mesh:       data, fsdp, tensor (device mesh sizes; one may be -1 = the rest)
+  distributed: coordinator (host:port), num_processes, process_id, auto (several hosts; or the
+              environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
 
 exit status: 0 done; 2 an error, printed as one line (--debug or JLORA_DEBUG=1 for the
 traceback); 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (--resume continues).

@@ -246,7 +246,7 @@ def _placement(fam: ModuleType, mesh: Any) -> tuple[Any, Any]:
     from jlora import sharding
 
     try:
-        host = jax.devices("cpu")[0]
+        host = jax.local_devices(backend="cpu")[0]  # this process's own (multi-host)
     except RuntimeError:  # JAX_PLATFORMS without cpu: tensors pass through the default device
         host = None
     context = contextlib.nullcontext() if host is None else jax.default_device(host)

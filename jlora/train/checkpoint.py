@@ -51,6 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora.errors import CheckpointError
+from jlora.train.distributed import barrier, is_main, to_host
 
 log = logging.getLogger(__name__)
 # Version of the meta layout; a checkpoint without it predates self-describing checkpoints.
@@ -58,10 +59,11 @@ FORMAT = 1
 
 
 def checksum(state: Any) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes (host copies)."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes (host copies; with several
+    processes every process computes it over the whole arrays)."""
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        a = np.ascontiguousarray(to_host(leaf))
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
@@ -70,7 +72,7 @@ def checksum(state: Any) -> str:
 def first_nonfinite(state: Any) -> str | None:
     """The path of the first floating-point leaf holding a NaN or Inf, or None."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        a = np.asarray(jax.device_get(leaf))
+        a = to_host(leaf)
         if np.issubdtype(a.dtype, np.inexact) and not np.all(np.isfinite(a)):
             return jax.tree_util.keystr(path)
     return None
@@ -171,8 +173,9 @@ class Checkpoints:
             ) from e
 
     def _discard_partial(self, step: int) -> None:
-        for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(p, ignore_errors=True)
+        if is_main():
+            for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(p, ignore_errors=True)
         with contextlib.suppress(Exception):
             self.manager.close()
         self._open()
@@ -277,15 +280,19 @@ class Checkpoints:
 
     def quarantine(self, step: int, reason: str) -> pathlib.Path:
         """Move checkpoint `step` to `<run>/damaged/<step>` (with `reason.txt`), so later saves
-        and resumes do not see it; nothing is deleted."""
+        and resumes do not see it; nothing is deleted. With several processes, process 0 moves
+        it and the others wait."""
         dest_root = self.directory.parent / "damaged"
-        dest_root.mkdir(exist_ok=True)
         dest = dest_root / str(step)
         n = 1
         while dest.exists():
             dest, n = dest_root / f"{step}.{n}", n + 1
-        shutil.move(str(self.directory / str(step)), dest)
-        (dest / "reason.txt").write_text(reason + "\n")
+        barrier(f"jlora: quarantine {step} chosen")  # every process saw the same `dest`
+        if is_main():
+            dest_root.mkdir(exist_ok=True)
+            shutil.move(str(self.directory / str(step)), dest)
+            (dest / "reason.txt").write_text(reason + "\n")
+        barrier(f"jlora: quarantine {step} moved")
         log.warning("%s; moved to %s, falling back to an earlier checkpoint", reason, dest)
         with contextlib.suppress(Exception):
             self.manager.close()

@@ -1,9 +1,9 @@
 """The run configuration of `train.py`: YAML validated into typed, frozen dataclasses.
 
-A config file has the sections `model`, `data`, `adapter`, `train`, `checkpoint` and `mesh`
-plus the top-level `name` and `task`. Every key is checked before any work starts: an unknown
-key, a wrong type or a bad value raises `ConfigError` naming the dotted field, the value and
-what is allowed. `--set section.key=value` overrides parse the value as YAML
+A config file has the sections `model`, `data`, `adapter`, `train`, `checkpoint`, `mesh` and
+`distributed` plus the top-level `name` and `task`. Every key is checked before any work
+starts: an unknown key, a wrong type or a bad value raises `ConfigError` naming the dotted
+field, the value and what is allowed. `--set section.key=value` overrides parse the value as YAML
 (`--set train.steps=50`, `--set adapter.targets=all-linear`).
 
 Example:
@@ -34,6 +34,7 @@ import yaml
 from jlora.errors import ConfigError, one_line
 from jlora.models.remat import REMAT
 from jlora.sharding import MESH_AXES, MeshShape
+from jlora.train.distributed import DistributedConfig
 
 TASKS = ("sst2", "gsm8k")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -137,6 +138,9 @@ class RunConfig:
     # whose product is the device count; one may be -1 ("the rest"). The default is pure data
     # parallelism over every device (on one device: the plain single-device run).
     mesh: MeshShape = MeshShape()  # noqa: RUF009 (frozen, so sharing it is safe)
+    # Several processes (hosts): `jlora.train.distributed.DistributedConfig`; by default the
+    # environment decides (one process unless JAX_COORDINATOR_ADDRESS & co. are set).
+    distributed: DistributedConfig = DistributedConfig()  # noqa: RUF009 (frozen)
 
     @property
     def method(self) -> str:
@@ -255,6 +259,15 @@ def _validate(cfg: RunConfig) -> None:
         to_dict_value(dataclasses.asdict(cfg.mesh)),
         "at most one axis -1",
     )
+    dist = cfg.distributed
+    n = dist.num_processes
+    _check("distributed.num_processes", n is None or n >= 1, n, "an integer >= 1 or null")
+    pid = dist.process_id
+    ok = pid is None or (pid >= 0 and (n is None or pid < n))
+    _check("distributed.process_id", ok, pid, "an integer in [0, num_processes) or null")
+    addr = dist.coordinator
+    ok = addr is None or bool(re.fullmatch(r".+:\d+", addr))
+    _check("distributed.coordinator", ok, addr, "'host:port' or null")
     _check("train.nonfinite", t.nonfinite in NONFINITE, t.nonfinite, f"one of {NONFINITE}")
     _check("train.max_skipped_steps", t.max_skipped_steps >= 0, t.max_skipped_steps, ">= 0")
     if not t.full_finetune:
@@ -440,6 +453,11 @@ RESUMABLE = (
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
+    # Where the processes meet, and which one this is: not what the checkpoints hold.
+    "distributed.coordinator",
+    "distributed.num_processes",
+    "distributed.process_id",
+    "distributed.auto",
 )
 
 

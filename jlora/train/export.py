@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -70,6 +71,7 @@ def restore_run(run: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
             cfg = config_lib.from_dict(meta["config"])
         else:
             cfg = config_lib.load(run / "config.yaml")
+        cfg = _fitting_mesh(cfg)
         rebuilt = None
         if rebuilds_from_meta(cfg):
             rebuilt = adapters_from_meta(meta, ckpt.leaf_shapes(step), cfg)
@@ -81,6 +83,21 @@ def restore_run(run: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
     assert got is not None
     _, state, meta = got
     return setup, state["trainable"], meta
+
+
+def _fitting_mesh(cfg: config_lib.RunConfig) -> config_lib.RunConfig:
+    """`cfg` with a mesh that fits this process's devices: the run's own when it does (a run
+    trained on 8 devices exported on 8), else FSDP over all of them (a multi-host run exported
+    on one host, or on one GPU)."""
+    from jlora.sharding import MeshShape
+
+    devices = jax.device_count()
+    try:
+        cfg.mesh.resolve(devices)
+        return cfg
+    except ValueError:
+        log.info("the run's mesh %s does not fit %d devices: FSDP over them", cfg.mesh, devices)
+        return dataclasses.replace(cfg, mesh=MeshShape(data=1, fsdp=-1))
 
 
 def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> pathlib.Path:

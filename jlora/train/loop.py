@@ -15,6 +15,10 @@ that changes what the checkpoints hold, before anything is written, and records 
 changes in `history.jsonl`; resuming a finished run is a no-op; a non-finite step is never
 applied or saved; SIGINT/SIGTERM finish the step, checkpoint and raise `guard.Interrupted`.
 
+Several processes (hosts) run the same loop in lockstep (`jlora.train.distributed`): process 0
+takes the folder's lock and writes the run's files, all of them write their checkpoint shards,
+and a signal that reaches any process stops all of them at the same step.
+
 Example (the embedded default, as `python train.py` runs it):
   >>> from jlora.train import config, loop
   >>> summary = loop.run(config.load("configs/default.yaml"), "runs/default")  # doctest: +SKIP
@@ -28,6 +32,7 @@ import logging
 import math
 import pathlib
 import shutil
+import signal
 import time
 from typing import Any
 
@@ -36,9 +41,9 @@ import jax.numpy as jnp
 import yaml
 
 from jlora.errors import ConfigError, UserError
+from jlora.train import distributed, tasks
 from jlora.train import guard as guard_lib
 from jlora.train import steps as steps_lib
-from jlora.train import tasks
 from jlora.train.checkpoint import Checkpoints, DamagedCheckpointError
 from jlora.train.config import RunConfig, resume_changes, to_dict
 from jlora.train.placement import shardings
@@ -63,7 +68,10 @@ class RunExistsError(UserError):
 
 
 def history(out: pathlib.Path, event: str, **fields: Any) -> None:
-    """Append one event (start, resume, end, stopped, failed) to `<out>/history.jsonl`."""
+    """Append one event (start, resume, end, stopped, failed) to `<out>/history.jsonl` (process
+    0 of a multi-host run; the others write nothing)."""
+    if not distributed.is_main():
+        return
     row = {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
     with (out / "history.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -113,9 +121,14 @@ def run(
     `memory_check`: before any weight is read, refuse a run whose memory plan
     (`jlora.train.plan.check_fits`) exceeds what the devices report (GPUs and TPUs; CPUs report
     nothing).
+
+    With several processes (`cfg.distributed` or the environment, see
+    `jlora.train.distributed`) every process calls `run` with the same config and `out` (a
+    folder they all reach).
     """
     out = pathlib.Path(out)
     rows = tasks.read_data(cfg)  # data errors before the folder is touched or the model loads
+    distributed.initialize(cfg.distributed)  # before any device is touched
     run_mesh(cfg, devices)  # and mesh errors
     if memory_check:
         from jlora.train.plan import check_fits
@@ -127,7 +140,11 @@ def run(
                 fits.estimate / 2**30,
                 fits.device_memory / 2**30,
             )
-    with guard_lib.Signals() as signals, guard_lib.RunLock(out) as lock:
+    main = distributed.is_main()
+    # Process 0 holds the folder for the run; the others wait until it does.
+    locked = guard_lib.RunLock(out) if main else contextlib.nullcontext()
+    with guard_lib.Signals() as signals, locked as lock:
+        distributed.barrier("jlora: run folder locked")
         try:
             ckpt = Checkpoints(out / "checkpoints", keep=cfg.checkpoint.keep)
             try:
@@ -135,7 +152,7 @@ def run(
             finally:
                 ckpt.close()
         except BaseException:
-            if lock.created and _holds_nothing(out):
+            if main and lock.created and _holds_nothing(out):
                 lock.release()
                 shutil.rmtree(out, ignore_errors=True)  # a folder this run made and left empty
             raise
@@ -165,6 +182,7 @@ def _train(
 
     start_time = time.perf_counter()
     t = cfg.train
+    main = distributed.is_main()
     newest = ckpt.latest_step()
     if newest is not None and not resume:
         raise RunExistsError(
@@ -206,7 +224,8 @@ def _train(
             prior_wall = float(meta.get("wall_time_s", 0.0))
             log.info("resumed from step %d", step)
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    (out / "config.yaml").write_text(config_text)
+    if main:
+        (out / "config.yaml").write_text(config_text)
     if saved is not None:
         changed = {k: list(v) for k, v in changes.items()}
         history(out, "resume", step=step, changes=changed)
@@ -214,7 +233,9 @@ def _train(
             log.info("resume: %s changed from %r to %r", k, a, b)
     else:
         history(out, "start", step=0)
-    metrics = Metrics(out, resume_step=step if saved is not None else None)
+    metrics = (
+        Metrics(out, resume_step=step if saved is not None else None) if main else _NoMetrics()
+    )
     n_params = setup.trainable_params()
     log.info("method %s: %s trainable parameters", cfg.method, f"{n_params:,}")
     guard = steps_lib.Guard(state["trainable"], t.nonfinite, t.max_skipped_steps)
@@ -248,7 +269,7 @@ def _train(
     bar = tqdm(
         total=t.steps,
         initial=step,
-        disable=not progress,
+        disable=not (progress and main),
         dynamic_ncols=True,
         mininterval=1.0,
         desc=cfg.name,
@@ -292,19 +313,23 @@ def _train(
                     guard.check(state, last_saved[0])
                     eval_metrics = evaluate()
                     metrics.write(step, eval_metrics)
-                    bar.write(
-                        f"step {step}: "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-                    )
+                    if main:
+                        bar.write(
+                            f"step {step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                        )
                 every = cfg.checkpoint.every
                 if (every and step % every == 0) or step == t.steps:
                     save()
-                if signals.received is not None:
+                # A signal to any process stops all of them at this step (each would otherwise
+                # wait forever in the other's next collective).
+                if distributed.any_process(signals.received is not None):
+                    received = signals.received or int(signal.SIGTERM)
                     if last_saved[0] != step:
                         save()
-                    history(out, "stopped", step=step, signal=signals.received)
+                    history(out, "stopped", step=step, signal=received)
                     raise guard_lib.Interrupted(
-                        signals.received,
+                        received,
                         f"interrupted at step {step}; checkpoint {step} written to "
                         f"{out / 'checkpoints'}; continue with --resume",
                     )
@@ -328,10 +353,21 @@ def _train(
         "wall_time_s": round(wall, 1),
         "steps": t.steps,
     }
-    write_report(out, summary, config_text)
-    history(out, "end", step=step)
-    print(table([summary]))
+    if main:
+        write_report(out, summary, config_text)
+        history(out, "end", step=step)
+        print(table([summary]))
     return summary
+
+
+class _NoMetrics:
+    """`Metrics` of a process that writes no files (not process 0 of a multi-host run)."""
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _loss_of(setup: Setup) -> Any:

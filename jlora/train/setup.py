@@ -158,7 +158,7 @@ class Setup:
     ) -> None:
         self.cfg = cfg
         t = cfg.train
-        mesh = run_mesh(cfg, devices)
+        mesh = run_mesh(cfg, devices, check_batch=need_data)
         dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
         num_labels = len(tasks.SST2_LABELS) if cfg.task == "sst2" else None
         log.info("loading %s", cfg.model.source)
@@ -303,9 +303,10 @@ def loss_of(cfg: RunConfig, model: Any, dtype: Any) -> Any:
     return loss_of
 
 
-def run_mesh(cfg: RunConfig, devices: Any = None) -> Mesh:
+def run_mesh(cfg: RunConfig, devices: Any = None, *, check_batch: bool = True) -> Mesh:
     """The run's mesh over `devices` (default: all); `ConfigError` naming the field when the
-    `mesh` section does not fit the devices or the micro-batch does not split over it."""
+    `mesh` section does not fit the devices or (`check_batch`) the micro-batch does not split
+    over it."""
     devices = jax.devices() if devices is None else list(devices)
     try:
         mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -313,7 +314,7 @@ def run_mesh(cfg: RunConfig, devices: Any = None) -> Mesh:
         raise ConfigError(f"{e} ({len(devices)} {devices[0].platform} devices)") from e
     t = cfg.train
     micro, n = t.batch_size // t.grad_accum, Placement(mesh, ()).batch_divisor
-    if micro % n:
+    if check_batch and micro % n:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (micro-batches of {micro} with train.grad_accum="
             f"{t.grad_accum}): expected micro-batches that split over mesh.data × mesh.fsdp = "

@@ -34,6 +34,7 @@ import optax
 
 from jlora.errors import UserError
 from jlora.train.checkpoint import shapes
+from jlora.train.distributed import to_host
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class Guard:
 
     def check(self, state: Any, last_checkpoint: int | None) -> int:
         """The number of dropped steps so far; `NonFiniteError` if the run must stop."""
-        guard = jax.device_get(state["guard"])
+        guard = jax.tree.map(to_host, state["guard"])
         skipped = int(guard["skipped"])
         if skipped == 0:
             return 0

@@ -32,6 +32,7 @@ from jlora.data import checks, metamath
 from jlora.errors import ConfigError
 from jlora.inject import inject
 from jlora.models.generate import generate
+from jlora.train.distributed import to_host
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def _accuracy(model: Any, batches: Any, params: Any, adapters: Any) -> float:
     batches.restore({"epoch": 0, "position": 0})
     for batch in batches:
         logits = predict(params, adapters, batch["input_ids"], batch["attention_mask"])
-        correct += float(_correct(logits, batch["label"], batch["weight"]))
+        correct += float(to_host(_correct(logits, batch["label"], batch["weight"])))
         total += float(np.sum(batch["weight"]))
     return correct / max(total, 1.0)
 
@@ -273,7 +274,7 @@ def _gsm8k(cfg, model, tokenizer, prompts, params, adapters):
             stop_tokens=getattr(tokenizer, "eos_token_id", None),
             pad_token_id=pad,
         )
-        out = np.asarray(out)[:, width:]
+        out = to_host(out)[:, width:]
         for i, p in enumerate(chunk):
             text = tokenizer.decode([int(x) for x in out[i] if x != pad])
             hits += jdata.exact_match(text, p["reference"])
