@@ -165,10 +165,12 @@ def param_specs(params: Any, rules: Sequence[Rule], mesh: Mesh | Mapping[str, in
     return traverse_util.unflatten_dict(out, sep="/")
 
 
-def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[[str, Any], jax.Array]:
-    """`place(path, x)`: the host array `x` as a `jax.Array` laid out on `mesh` by `rules`, each
-    device receiving only its own slice (`jax.make_array_from_callback`), so a model read one
-    tensor at a time is never whole on any device (`jlora.models.load(..., mesh=)`).
+def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[..., jax.Array]:
+    """`place(path, x, dtype=None)`: the host array `x` (cast to `dtype`) as a `jax.Array` laid
+    out on `mesh` by `rules`, each device receiving only its own slice
+    (`jax.make_array_from_callback`), so a model read one tensor at a time is never whole on any
+    device (`jlora.models.load(..., mesh=)`). `x` may be a `jlora.models.lazy.Lazy`: then only
+    the slices of this process's devices are read, each distinct slice once.
 
     Example:
       >>> mesh = make_mesh(MeshShape(), jax.devices()[:1])
@@ -176,12 +178,23 @@ def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[[str, Any], jax.Array]
       P('fsdp', None)
     """
 
-    def place(path: str, x: Any) -> jax.Array:
-        host = np.asarray(x)
-        spec = spec_of(path, host.shape, rules, mesh)
-        return jax.make_array_from_callback(
-            host.shape, NamedSharding(mesh, spec), lambda index: host[index]
-        )
+    def place(path: str, x: Any, dtype: Any = None) -> jax.Array:
+        shape = tuple(x.shape)
+        spec = spec_of(path, shape, rules, mesh)
+        if not hasattr(x, "slicer"):  # an array: already in memory
+            host = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype)
+            return jax.make_array_from_callback(
+                shape, NamedSharding(mesh, spec), lambda index: host[index]
+            )
+        read: dict[tuple, np.ndarray] = {}  # replicas of a slice are read once
+
+        def piece(index: tuple) -> np.ndarray:
+            k = tuple((s.start, s.stop, s.step) for s in index)
+            if k not in read:
+                read[k] = x[index] if dtype is None else x[index].astype(dtype)
+            return read[k]
+
+        return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), piece)
 
     return place
 

@@ -274,3 +274,46 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert len(stopped) == 1 and stopped[0]["signal"] == signal.SIGTERM
     steps = [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps == [str(stopped[0]["step"])]
+
+
+@pytest.mark.slow
+def test_each_process_reads_only_its_slices_of_a_safetensors_checkpoint(tmp_path):
+    """A random Llama saved as safetensors, loaded by two processes onto FSDP over their 8
+    devices: each process reads about half of the checkpoint (its kernels' slices, plus the
+    replicated norms), and its shards are the plain load's slices."""
+    import jlora.models as jm
+    from jlora.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = Llama(cfg)
+    ids = np.ones((1, 4), np.int32)
+    params = model.init(jax.random.key(0), ids, ids)["params"]
+    folder = jm.save_hf(tmp_path / "llama", model, params)
+    script = ROOT / "tests" / "multidevice" / "multihost_load.py"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(folder)],
+            env=_env(4, i, port),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    rows = [json.loads(next(x for x in o.splitlines() if x.startswith("{"))) for o, _ in outs]
+    assert sorted(r["process"] for r in rows) == [0, 1]
+    for r in rows:
+        assert r["equal"], r
+        # half of the sharded kernels, all of the (small) replicated norms
+        assert 0.45 * r["total"] < r["read"] < 0.55 * r["total"], r

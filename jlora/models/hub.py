@@ -158,8 +158,10 @@ def _weight_map(folder: pathlib.Path) -> dict[str, str]:
 
 
 def _safetensors_reader(
-    folder: pathlib.Path, stack: contextlib.ExitStack
+    folder: pathlib.Path, stack: contextlib.ExitStack, lazy: bool = False
 ) -> tuple[list[str], Callable[[str], Any]]:
+    """`(names, read)`: `read(name)` gives the tensor, or with `lazy` a `Lazy` that reads only
+    the slices asked of it (loading onto a mesh: each process reads its devices' slices)."""
     weight_map = _weight_map(folder)
     handles: dict[str, Any] = {}
 
@@ -168,6 +170,11 @@ def _safetensors_reader(
         if file not in handles:
             handles[file] = stack.enter_context(_safe_open(folder / file))
         try:
+            if lazy:
+                from jlora.models.lazy import Lazy
+
+                sliced = handles[file].get_slice(name)
+                return Lazy(sliced, tuple(sliced.get_shape()))
             return handles[file].get_tensor(name)
         except Exception as e:  # SafetensorError: a name the index lists but the shard lacks
             raise ModelFileError(
@@ -260,7 +267,7 @@ def _load_folder(
     place, on_host = _placement(fam, mesh)
     with contextlib.ExitStack() as stack:
         stack.enter_context(on_host)
-        names, read = _safetensors_reader(folder, stack)
+        names, read = _safetensors_reader(folder, stack, lazy=place is not None)
         kwargs = {"key": key} if fam.__name__.endswith("bert.params") else {}
         params = _params_from(folder, fam, cfg, names, read, dtype, place=place, **kwargs)
     return fam.model_class(cfg, dtype), params, _tokenizer(folder)

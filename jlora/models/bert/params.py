@@ -158,6 +158,9 @@ def params_from_hf(
             x = x.T
         if tuple(x.shape) != shape:
             raise ValueError(f"{name}: shape {tuple(x.shape)} (as {path}), expected {shape}")
+        if place is not None and hasattr(x, "slicer"):  # a `Lazy`: read only where it lands
+            flat[path] = place(path, x, dtype)
+            continue
         flat[path] = jnp.asarray(x, dtype)
         if place is not None:
             flat[path] = place(path, flat[path])

@@ -253,9 +253,13 @@ def params_from_hf(
     for name in needed:
         path, transpose = linen_path(name)
         x = read(name)
-        x = jnp.asarray(x.T if transpose else x, dtype)
-        if place is not None:
-            x = place(path, x)
+        x = x.T if transpose else x
+        if place is not None and hasattr(x, "slicer"):  # a `Lazy`: read only where it lands
+            x = place(path, x, dtype)
+        else:
+            x = jnp.asarray(x, dtype)
+            if place is not None:
+                x = place(path, x)
         node = params
         *parents, leaf = path.split("/")
         for p in parents:
