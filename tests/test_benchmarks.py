@@ -214,3 +214,27 @@ def test_plan_cost_rows(tmp_path, capsys):
     assert row["compiled_equals_measured"] and row["plan_compiled"] == row["measured_peak"]
     assert 0.75 < row["estimate_vs_measured"] < 1.33
     assert "estimate ÷ measured" in capsys.readouterr().out
+
+
+def test_scale_cost_rows(tmp_path, capsys):
+    """`python -m benchmarks.scale_cost` on one layer of the Llama-3.2-1B shape: a floor row and
+    one row per method, tokens/s and MFU computed from the median and the given peak; the model
+    FLOPs of the full Llama-3.1-8B are 4 × its matmul parameters per token (its 8,030,261,248
+    parameters less the 128,256 × 4,096 embedding and the norms) plus attention."""
+    from benchmarks import scale_cost
+    from jlora.models.abstract import load_abstract
+
+    model, _ = load_abstract(scale_cost.MODELS["8b"])
+    matmuls = 8_030_261_248 - 128_256 * 4_096 - 4_096 * (2 * 32 + 1)
+    assert scale_cost.model_flops(model.config, 1, 1) == 4 * matmuls + 12 * 32 * 4_096
+
+    argv = ["--models", "1b", "--layers", "1", "--seq", "32", "--rounds", "1"]
+    assert scale_cost.main([*argv, "--peak-tflops", "1", "--out", str(tmp_path)]) == 0
+    rows = {r["step"]: r for r in json.loads((tmp_path / "scale_cost.json").read_text())["rows"]}
+    assert set(rows) == {"floor", "lora", "nlora"}
+    assert rows["floor"]["vs_floor"] == 1.0
+    for r in rows.values():
+        assert r["tokens_per_s"] == pytest.approx(32 / r["median_s"])
+        assert r["mfu"] == pytest.approx(r["model_flops"] / (r["median_s"] * 1e12))
+        assert r["compile_s"] > 0 and r["vs_floor"] > 0
+    assert "MFU" in capsys.readouterr().out
