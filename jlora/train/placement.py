@@ -9,7 +9,8 @@ section) and the model family's rules, and places:
 - the adapters by their kernel's layout (`jlora.sharding.adapter_specs`);
 - the optimizer state like its leaves (optax builds it with `zeros_like`, which keeps the
   leaf's sharding) and scalars (step, counters) replicated;
-- every batch over (`data`, `fsdp`) along its first axis.
+- every batch over (`data`, `fsdp`) along its first axis, each device (and each process of a
+  multi-host run) receiving only its rows.
 
 On one device the mesh is 1 × 1 × 1 and every placement is the plain one.
 
@@ -86,8 +87,16 @@ class Placement:
         return jax.tree.map(put, tree)
 
     def batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-        """A host batch split over (data, fsdp) along its first axis."""
-        return {k: jax.device_put(np.asarray(v), self._batch) for k, v in batch.items()}
+        """A host batch split over (data, fsdp) along its first axis: each of this process's
+        devices receives only its rows (with several processes, every process holds the same
+        global batch and places only its own share of it)."""
+        out = {}
+        for k, v in batch.items():
+            host = np.asarray(v)
+            out[k] = jax.make_array_from_callback(
+                host.shape, self._batch, lambda index, host=host: host[index]
+            )
+        return out
 
 
 def shardings(tree: Any) -> Any:
