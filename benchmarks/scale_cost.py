@@ -99,23 +99,10 @@ def workload(
     params = tree.unflatten(draw(jax.random.key(0)))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(100, config.vocab_size, (batch, seq)), jnp.int32)
-    mask = jnp.ones((batch, seq), jnp.int32)
-
-    def loss(logits, b):
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-        return -jnp.mean(jnp.take_along_axis(logp, b["input_ids"][:, 1:, None], -1))
-
     name = MODELS[size].split("/")[1]
     depth = "" if layers is None else f", {layers} layer(s)"
-    return step_cost.Workload(
-        name=f"{name}-shaped{depth} (b={batch}, t={seq}, bf16, remat {remat})",
-        model=model,
-        params=params,
-        batch={"input_ids": ids, "attention_mask": mask},
-        loss=loss,
-        embed="embed_tokens",
-        hidden=config.hidden_size,
-    ), config
+    name = f"{name}-shaped{depth} (b={batch}, t={seq}, bf16, remat {remat})"
+    return step_cost.causal_lm(name, model, params, ids), config
 
 
 def rows(args: argparse.Namespace) -> list[dict[str, Any]]:

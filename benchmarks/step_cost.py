@@ -107,23 +107,30 @@ def smollm2_shaped(batch: int = 4, seq: int = 256, layers: int | None = None) ->
     model = Llama(config)
     rng = np.random.default_rng(0)
     ids = _ids(rng, config.vocab_size, batch, seq)
-    mask = jnp.ones((batch, seq), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), ids[:1, :8], mask[:1, :8])["params"]
-
-    def loss(logits, b):
-        logp = jax.nn.log_softmax(logits[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(logp, b["input_ids"][:, 1:, None], -1))
-
+    params = jax.jit(model.init)(jax.random.key(0), ids[:1, :8], jnp.ones((1, 8), jnp.int32))[
+        "params"
+    ]
     n, full = config.num_hidden_layers, SMOLLM2_135M.num_hidden_layers
     depth = f"{n} layers" if n == full else f"{n} of its {full} layers"
+    return causal_lm(f"SmolLM2-135M-shaped, {depth} (b={batch}, t={seq})", model, params, ids)
+
+
+def causal_lm(name: str, model: nn.Module, params: Any, ids: jax.Array) -> Workload:
+    """A Llama-family workload: causal-LM loss (log-softmax in fp32) on the fixed batch `ids`,
+    every token attended."""
+
+    def loss(logits, b):
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, b["input_ids"][:, 1:, None], -1))
+
     return Workload(
-        name=f"SmolLM2-135M-shaped, {depth} (b={batch}, t={seq})",
+        name=name,
         model=model,
         params=params,
-        batch={"input_ids": ids, "attention_mask": mask},
+        batch={"input_ids": ids, "attention_mask": jnp.ones(ids.shape, jnp.int32)},
         loss=loss,
         embed="embed_tokens",
-        hidden=config.hidden_size,
+        hidden=model.config.hidden_size,
     )
 
 
