@@ -3,10 +3,11 @@
 `jlora.inject(adapters)` intercepts `nn.Dense` / `nn.DenseGeneral` calls (through
 `flax.linen.intercept_methods`) whose kernel path has an adapter, and replaces
 their output `y` by the method's `output` (for low-rank methods `y + s · ((drop(x) @ A) @ M) @ B`,
-never forming ΔK). The model's code is not touched, so it works for
-third-party Linen models too. The adapter of a module at `module.path == ("enc", "q")` is the one
-keyed `"enc/q/kernel"` (or `"params/enc/q/kernel"` if the adapters were made from a whole
-variables dict).
+never forming ΔK). A dense layer whose kernel is kept quantized (`jlora.quant.QuantizedKernel`)
+runs on it, targeted or not, dequantizing inside the call (`jlora.quant.dense`). The model's
+code is not touched, so it works for third-party Linen models too. The adapter of a module at
+`module.path == ("enc", "q")` is the one keyed `"enc/q/kernel"` (or `"params/enc/q/kernel"` if
+the adapters were made from a whole variables dict).
 
 Enter the context *inside* the function you jit or differentiate: the adapters are read while
 tracing, so a jitted function called inside the context would keep the adapters of its first trace.
@@ -44,7 +45,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jlora import targets
+from jlora import quant, targets
 from jlora.adapters import Adapters
 from jlora.methods import METHODS, Adapter, Layer
 
@@ -154,16 +155,24 @@ def inject(
             return next_fun(*args, **kwargs)
         ran["/".join((*module.path, "kernel"))] = None
         hit = by_module.get("/".join(module.path))
+        quantized = quant.kernel.quantized_kernel_of(module)  # a frozen base kept quantized
         if hit is None:
+            if quantized is not None:
+                return quant.dense(module, args[0] if args else kwargs["inputs"], quantized)
             return next_fun(*args, **kwargs)
         path, adapter = hit
         _check_module(module, path, adapter)
         x = args[0] if args else kwargs["inputs"]
         _check_shape(module, x, path, adapter)
-        y = next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs) if quantized is None else quant.dense(module, x, quantized)
         key = None if rng is None else jax.random.fold_in(rng, targets.stable_hash(path))
         used.add(path)
-        layer = Layer(lambda name: module.get_variable("params", name))
+
+        def get(name: str) -> Any:  # what the method reads of the layer, dequantized
+            v = module.get_variable("params", name)
+            return v.dequantize() if quant.is_quantized(v) else v
+
+        layer = Layer(get)
         return METHODS[adapter.spec.method].output(x, y, layer, adapter.params, adapter.spec, key)
 
     # An exception of the body propagates out of `yield`, so the checks below never mask it.

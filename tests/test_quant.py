@@ -10,7 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.quant import Int8Channels, NF4Blocks, int8, nf4, tables
+from jlora.quant import (
+    FORMATS,
+    Int8Channels,
+    NF4Blocks,
+    dequantize_params,
+    dequantizing,
+    int8,
+    is_quantized,
+    nf4,
+    quantize_kernel,
+    quantize_params,
+    tables,
+)
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None and (
     importlib.util.find_spec("torch") is not None
@@ -158,3 +170,76 @@ def test_the_formats_are_pytrees_under_jit_and_orbax(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(nf4.dequantize(back["nf4"], x.shape)), np.asarray(nf4.dequantize(eager, x.shape))
     )
+
+
+# --- a frozen base kept quantized inside the model ---
+
+
+@pytest.fixture(scope="module", params=["llama", "bert"])
+def quantized_model(request):
+    from conftest import tiny_model
+
+    model = tiny_model(request.param)
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 60)
+    mask = jnp.ones((2, 8), jnp.int32)
+    params = model.init(jax.random.key(0), ids, mask)["params"]
+    return model, params, ids, mask
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_quantized_base_runs_as_its_dequantized_copy(quantized_model, fmt):
+    model, params, ids, mask = quantized_model
+    q = quantize_params(params, fmt)
+    n = sum(is_quantized(x) for x in jax.tree.leaves(q, is_leaf=is_quantized))
+    assert n >= 8  # every 2-D kernel of the attention and MLP blocks
+    want = jax.jit(lambda p: model.apply({"params": dequantize_params(p)}, ids, mask))(q)
+    with dequantizing():
+        got = jax.jit(lambda p: model.apply({"params": p}, ids, mask))(q)
+    # the same computation; XLA fuses the dequantization differently in the two programs
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # stored bytes: 1/8 (nf4) or 1/4 (int8) of fp32, plus the scales (one per 64 values, or
+    # per 32-wide column here)
+    kernels = [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if is_quantized(x)]
+    ratio = sum(k.nbytes for k in kernels) / sum(4 * np.prod(k.shape) for k in kernels)
+    assert ratio < (0.16 if fmt == "nf4" else 0.3), ratio
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["lora", "dora"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("slora", "vera", "nola")],
+)
+def test_every_method_trains_on_a_quantized_base(quantized_model, method):
+    """jlora.inject on an NF4 base: the outputs and the adapters' gradients of the dequantized
+    base, the base quantized throughout (it is an argument of the jitted step)."""
+    import jlora
+    import jlora.models as jm
+
+    model, params, ids, mask = quantized_model
+    options = {"nola_num_basis": (4, 4)} if method == "nola" else {}
+    cfg = jlora.AdapterConfig(
+        method=method, rank=4, targets=jm.preset(model, "all-linear"), **options
+    )
+    base, adapters = jlora.init(cfg, params, 0)
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B ≠ 0: every leaf has a gradient
+    trainable, frozen = jlora.split(adapters)
+    q = quantize_params(base, "nf4")
+
+    def loss(tr, b):
+        with jlora.inject(jlora.combine(tr, frozen)):
+            out = model.apply({"params": b}, ids, mask)
+        return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+    step = jax.jit(jax.value_and_grad(loss))
+    got_loss, got = step(trainable, q)
+    want_loss, want = step(trainable, dequantize_params(q))
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(got))
+
+
+def test_quantize_kernel_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"format 'fp8': expected one of \('nf4', 'int8'\)"):
+        quantize_kernel(jnp.ones((4, 4)), "fp8")
+    with pytest.raises(ValueError, match=r"2-D \(d_in, d_out\) kernel, not shape \(4,\)"):
+        quantize_kernel(jnp.ones(4))

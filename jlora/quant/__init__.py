@@ -3,6 +3,8 @@ optional double quantization of the scales) and int8 (one absmax per output chan
 
 Each format is a pytree of arrays (`NF4Blocks`, `Int8Channels`), so it passes through `jit`,
 `jax.tree` functions and orbax like any parameter; `quantize` / `dequantize` are jittable.
+`QuantizedKernel` keeps a frozen kernel quantized inside a parameter tree (`quantize_params`);
+`jlora.inject` and `dequantizing()` run Linen dense layers on it, dequantizing inside each call.
 
 Example:
   >>> import jax.numpy as jnp
@@ -15,8 +17,32 @@ Example:
   0.146
 """
 
-from jlora.quant import int8, nf4
+from jlora.quant import int8, kernel, nf4
 from jlora.quant.int8 import Int8Channels
+from jlora.quant.kernel import (
+    FORMATS,
+    QuantizedKernel,
+    dense,
+    dequantize_params,
+    dequantizing,
+    is_quantized,
+    quantize_kernel,
+    quantize_params,
+)
 from jlora.quant.nf4 import NF4Blocks
 
-__all__ = ["Int8Channels", "NF4Blocks", "int8", "nf4"]
+__all__ = [
+    "FORMATS",
+    "Int8Channels",
+    "NF4Blocks",
+    "QuantizedKernel",
+    "dense",
+    "dequantize_params",
+    "dequantizing",
+    "int8",
+    "is_quantized",
+    "kernel",
+    "nf4",
+    "quantize_kernel",
+    "quantize_params",
+]
