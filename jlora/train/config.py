@@ -33,6 +33,7 @@ import yaml
 
 from jlora.errors import ConfigError, one_line
 from jlora.models.remat import REMAT
+from jlora.quant import FORMATS
 from jlora.sharding import MESH_AXES, MeshShape
 from jlora.train.distributed import DistributedConfig
 
@@ -41,6 +42,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
 REMATS = tuple(REMAT)  # per-layer rematerialisation policies (jlora.models.remat)
+QUANTIZE = ("none", *FORMATS)  # storage of the frozen base's kernels (jlora.quant)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +56,11 @@ class ModelConfig:
     # "full" recomputes each layer in the backward pass, "dots" keeps the matmul outputs and
     # recomputes the rest (see jlora.models.remat). Memory and time only; same numbers.
     remat: str = "none"
+    # Keep the frozen base's dense kernels quantized (jlora.quant): "none", "nf4" (4-bit
+    # NormalFloat blocks of 64, as bitsandbytes) or "int8" (one absmax per output channel). The
+    # adapters are initialised from the full-precision kernels first (a residual method's
+    # rewritten kernel is what gets quantized); each layer dequantizes inside its call.
+    quantize: str = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -206,6 +213,14 @@ def _validate(cfg: RunConfig) -> None:
     _check("task", cfg.task in TASKS, cfg.task, f"one of {TASKS}")
     _check("model.dtype", cfg.model.dtype in DTYPES, cfg.model.dtype, f"one of {DTYPES}")
     _check("model.remat", cfg.model.remat in REMATS, cfg.model.remat, f"one of {REMATS}")
+    q = cfg.model.quantize
+    _check("model.quantize", q in QUANTIZE, q, f"one of {QUANTIZE}")
+    _check(
+        "model.quantize",
+        q == "none" or not t.full_finetune,
+        q,
+        "'none' with train.full_finetune=true (full fine-tuning trains the base itself)",
+    )
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
         _check(f"train.{name}", getattr(t, name) >= 1, getattr(t, name), "an integer >= 1")
     _check(

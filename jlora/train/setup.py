@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 import jlora
 import jlora.models as jm
-from jlora import persist, sharding
+from jlora import persist, quant, sharding
 from jlora.errors import ConfigError
 from jlora.methods import METHODS, Adapter
 from jlora.train import tasks
@@ -199,10 +199,11 @@ class Setup:
         head = {k: jax.tree.map(lambda x: x.astype(jnp.float32), base[k]) for k in head_names}
         trainable, frozen = jlora.split(adapters)
         self.trainable = {"adapters": trainable, "head": head}
-        self.frozen = {
-            "adapters": frozen,
-            "base": {k: v for k, v in base.items() if k not in head_names},
-        }
+        frozen_base = {k: v for k, v in base.items() if k not in head_names}
+        if cfg.model.quantize != "none":  # after the init read the full-precision kernels
+            frozen_base = quant.quantize_params(frozen_base, cfg.model.quantize)
+            log.info("frozen base kernels kept as %s", cfg.model.quantize)
+        self.frozen = {"adapters": frozen, "base": frozen_base}
 
     @property
     def _train_head(self) -> bool:
