@@ -340,6 +340,15 @@ def _kernels(params: Any, adapters: Adapters, fn_name: str) -> dict[str, jax.Arr
     return flat
 
 
+def _full_precision(params: Any) -> Any:
+    """`params` with any quantized kernel (`jlora.quant.QuantizedKernel`) dequantized."""
+    from jlora import quant
+
+    if not any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized)):
+        return params
+    return quant.dequantize_params(params)
+
+
 def _is_traced(tree: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
@@ -349,8 +358,10 @@ def merge(base_params: Any, adapters: Adapters, *, check: bool = True) -> Any:
 
     Traceable, so `model.apply(jlora.merge(base, adapters), x)` inside a jitted loss is the
     universal (merged) path. Outside tracing, with `check=True`, raises `FloatingPointError` if
-    a merged kernel holds NaN or Inf.
+    a merged kernel holds NaN or Inf. A base with quantized kernels (`jlora.quant`) merges into
+    their dequantized values: the result is full precision throughout, never requantized.
     """
+    base_params = _full_precision(base_params)
     flat = _kernels(base_params, adapters, "merge")
     merged = {p: _merge_one(flat[p], a) for p, a in adapters.items()}
     if check and not _is_traced((merged, adapters)):
@@ -370,6 +381,7 @@ def merge(base_params: Any, adapters: Adapters, *, check: bool = True) -> Any:
 
 def unmerge(params: Any, adapters: Adapters) -> Any:
     """Inverse of `merge`: `K − ΔK` for every adapted kernel (recovers `base_params`)."""
+    params = _full_precision(params)
     flat = _kernels(params, adapters, "unmerge")
     return targets.replace(params, {p: _unmerge_one(flat[p], a) for p, a in adapters.items()})
 

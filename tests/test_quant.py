@@ -326,3 +326,19 @@ def test_a_run_on_an_nf4_base_resumes_and_exports_what_it_trained(tmp_path):
     model, merged, _ = jm.load(folder)
     got = model.apply({"params": merged}, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_into_a_quantized_base_is_full_precision(quantized_model):
+    import jlora
+    import jlora.models as jm
+
+    model, params, _, _ = quantized_model
+    cfg = jlora.AdapterConfig(method="lora", rank=4, targets=jm.preset(model, "all-linear"))
+    base, adapters = jlora.init(cfg, params, 0)
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)
+    q = quantize_params(base, "int8")
+    merged = jlora.merge(q, adapters)
+    assert not any(is_quantized(x) for x in jax.tree.leaves(merged, is_leaf=is_quantized))
+    want = jlora.merge(dequantize_params(q), adapters)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
