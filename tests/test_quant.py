@@ -70,8 +70,8 @@ def test_nf4_codes_and_scales_are_bitsandbytes(bnb, shape, blocksize, dtype):
     q = nf4.quantize(jnp.asarray(t.float().numpy()).astype(dtype), blocksize)
     np.testing.assert_array_equal(np.asarray(q.packed), packed.numpy().reshape(-1))
     np.testing.assert_array_equal(np.asarray(q.absmax), state.absmax.numpy())
-    # bitsandbytes' reference dequantization (its CPU kernel misplaces blocks that span rows:
-    # shape (64, 96) comes back 1.9 off; see the closing note of 2026-12-03)
+    # bitsandbytes' reference dequantization (its CPU kernel is wrong for some shapes: (64, 96)
+    # with block 64 comes back 1.9 off; see the closing note of 2026-12-03)
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
     from bitsandbytes.backends.utils import _get_4bit_code
 
