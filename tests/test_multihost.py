@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import MULTIDEVICE_ENV
+from conftest import MULTIDEVICE_ENV, tiny_model
 
 from jlora.errors import ConfigError
 from jlora.train import config, distributed
@@ -282,17 +282,8 @@ def test_each_process_reads_only_its_slices_of_a_safetensors_checkpoint(tmp_path
     devices: each process reads about half of the checkpoint (its kernels' slices, plus the
     replicated norms), and its shards are the plain load's slices."""
     import jlora.models as jm
-    from jlora.models.llama import Llama, LlamaConfig
 
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = Llama(cfg)
+    model = tiny_model("llama")
     ids = np.ones((1, 4), np.int32)
     params = model.init(jax.random.key(0), ids, ids)["params"]
     folder = jm.save_hf(tmp_path / "llama", model, params)

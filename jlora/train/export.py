@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 import jlora
 import jlora.models as jm
-from jlora import persist, quant
+from jlora import persist
 from jlora.errors import CheckpointError
 from jlora.interop import peft as jpeft
 from jlora.train import config as config_lib
@@ -110,8 +110,8 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> path
     head = trainable.get("head") or None
     info = {"run": str(run), "step": meta["step"], "method": setup.cfg.method}
     if fmt == "merged":
-        # A base kept quantized merges into its dequantized kernels: the model that trained.
-        params = quant.dequantize_params(params)
+        # A base kept quantized merges into its dequantized kernels (jlora.merge's full-precision
+        # result): the model that trained.
         merged = jlora.merge(params, adapters) if adapters else params
         if head:
             merged = {**merged, **jax.tree.map(lambda x: x.astype(jnp.float32), head)}
