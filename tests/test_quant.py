@@ -1,5 +1,6 @@
-"""`jlora.quant`: NF4 and int8 storage against bitsandbytes on the CPU (the same codes, packing
-and scales for the same input), and the formats as pytrees (jit, tree functions, orbax)."""
+"""`jlora.quant`: NF4 and int8 storage against bitsandbytes on the CPU and GGML blocks against
+gguf-py (the same codes, packing and scales for the same input), and the formats as pytrees
+(jit, tree functions, orbax)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from jlora.quant import (
     NF4Blocks,
     dequantize_params,
     dequantizing,
+    ggml,
     int8,
     is_quantized,
     nf4,
@@ -174,14 +176,56 @@ def test_the_formats_are_pytrees_under_jit_and_orbax(tmp_path):
     )
 
 
+@pytest.mark.parametrize("fmt", ggml.FORMATS)
+def test_ggml_blocks_are_gguf_py(fmt):
+    quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    qtype = GGMLQuantizationType[fmt.upper()]
+    w = _sample((48, 128), seed=6)
+    w[1, :32] = 0.0  # a zero block: d = 0
+    w[2, :32] = np.arange(32, dtype=np.float32) / 2 - 8  # codes on rounding ties
+    w[3, :32] = -w[2, :32]  # the signed maximum of Q4_0 negative
+    want = quants.quantize(w, qtype)
+    q = jax.jit(ggml.quantize, static_argnums=1)(w, fmt)
+    np.testing.assert_array_equal(ggml.to_bytes(q, fmt), want)
+    stored = ggml.from_bytes(want, fmt, rows=48)  # a GGUF file's bytes, kept as blocks
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(q), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    got = np.asarray(ggml.dequantize(stored, fmt))
+    np.testing.assert_array_equal(got, quants.dequantize(want, qtype))
+    with pytest.raises(ValueError, match=r"cols a multiple of 32, not \(4, 48\)"):
+        ggml.quantize(np.ones((4, 48)), fmt)
+
+
+@needs_bnb
+def test_an_nf4_kernel_holds_the_blocks_of_bitsandbytes_linear4bit_weight(bnb):
+    """A Flax kernel K is stored as bitsandbytes stores the PyTorch weight W = K.T, one row of
+    blocks per output channel (so it shards along the output axis with its scales)."""
+    bnbf, torch = bnb
+    k = _sample((128, 48), seed=7)  # (d_in, d_out)
+    q = quantize_kernel(k, "nf4")
+    packed, state = bnbf.quantize_4bit(torch.from_numpy(k.T.copy()), blocksize=64, quant_type="nf4")
+    assert q.data.packed.shape == (48, 64) and q.data.absmax.shape == (48, 2)
+    np.testing.assert_array_equal(np.asarray(q.data.packed).ravel(), packed.numpy().ravel())
+    np.testing.assert_array_equal(np.asarray(q.data.absmax).ravel(), state.absmax.numpy())
+    np.testing.assert_array_equal(
+        np.asarray(q.dequantize()), np.asarray(nf4.dequantize(nf4.quantize(k.T), (48, 128))).T
+    )
+
+
 # --- a frozen base kept quantized inside the model ---
 
 
 @pytest.fixture(scope="module", params=["llama", "bert"])
 def quantized_model(request):
-    from conftest import tiny_model
+    """A tiny model whose kernels' input widths are multiples of 32 (GGML blocks)."""
+    from conftest import HF_TINY
+    from jlora.models.bert import Bert, BertConfig
+    from jlora.models.llama import Llama, LlamaConfig
 
-    model = tiny_model(request.param)
+    cfg = {**HF_TINY[request.param], "intermediate_size": 64}
+    model = Bert(BertConfig(**cfg)) if request.param == "bert" else Llama(LlamaConfig(**cfg))
     ids = jax.random.randint(jax.random.key(1), (2, 8), 3, 60)
     mask = jnp.ones((2, 8), jnp.int32)
     params = model.init(jax.random.key(0), ids, mask)["params"]
@@ -199,11 +243,18 @@ def test_a_quantized_base_runs_as_its_dequantized_copy(quantized_model, fmt):
         got = jax.jit(lambda p: model.apply({"params": p}, ids, mask))(q)
     # the same computation; XLA fuses the dequantization differently in the two programs
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    # stored bytes: 1/8 (nf4) or 1/4 (int8) of fp32, plus the scales (one per 64 values, or
-    # per 32-wide column here)
-    kernels = [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if is_quantized(x)]
-    ratio = sum(k.nbytes for k in kernels) / sum(4 * np.prod(k.shape) for k in kernels)
-    assert ratio < (0.16 if fmt == "nf4" else 0.3), ratio
+    # stored bytes: the codes plus the scales (float32 per 64 values for nf4, per output
+    # channel for int8; float16 d (and m) per 32 values for the GGML blocks)
+    for k in [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if is_quantized(x)]:
+        n, d_out = int(np.prod(k.shape)), k.shape[1]
+        want = {
+            "nf4": n // 2 + 4 * n // 64,
+            "int8": n + 4 * d_out,
+            "q4_0": n // 32 * 18,
+            "q4_1": n // 32 * 20,
+            "q8_0": n // 32 * 34,
+        }[fmt]
+        assert k.nbytes == want, (k.shape, k.nbytes, want)
 
 
 @pytest.mark.parametrize(
@@ -241,10 +292,13 @@ def test_every_method_trains_on_a_quantized_base(quantized_model, method):
 
 
 def test_quantize_kernel_refuses_bad_input():
-    with pytest.raises(ValueError, match=r"format 'fp8': expected one of \('nf4', 'int8'\)"):
+    with pytest.raises(ValueError, match=r"format 'fp8': expected one of \('nf4', 'int8', 'q4_0'"):
         quantize_kernel(jnp.ones((4, 4)), "fp8")
     with pytest.raises(ValueError, match=r"2-D \(d_in, d_out\) kernel, not shape \(4,\)"):
         quantize_kernel(jnp.ones(4))
+    # GGML blocks tile the input axis: the offending kernel is named
+    with pytest.raises(ValueError, match=r"^mlp/kernel: .*q4_1 blocks need d_in a multiple of 32"):
+        quantize_params({"mlp": {"kernel": jnp.ones((48, 8))}}, "q4_1")
 
 
 # --- train.py with model.quantize ---

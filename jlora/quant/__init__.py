@@ -1,8 +1,11 @@
 """Quantized storage of frozen kernels: NF4 (bitsandbytes' 4-bit NormalFloat blocks, with
-optional double quantization of the scales) and int8 (one absmax per output channel).
+optional double quantization of the scales), int8 (one absmax per output channel) and llama.cpp's
+GGML blocks Q4_0, Q4_1 and Q8_0 (as a GGUF file stores them: `jlora.models.load(...,
+quantize="gguf")` keeps them).
 
-Each format is a pytree of arrays (`NF4Blocks`, `Int8Channels`), so it passes through `jit`,
-`jax.tree` functions and orbax like any parameter; `quantize` / `dequantize` are jittable.
+Each format is a pytree of arrays (`NF4Blocks`, `Int8Channels`, `GGMLBlocks`), so it passes
+through `jit`, `jax.tree` functions and orbax like any parameter; `quantize` / `dequantize` are
+jittable.
 `QuantizedKernel` keeps a frozen kernel quantized inside a parameter tree (`quantize_params`);
 `jlora.inject` and `dequantizing()` run Linen dense layers on it, dequantizing inside each call.
 
@@ -17,11 +20,13 @@ Example:
   0.146
 """
 
-from jlora.quant import int8, kernel, nf4
+from jlora.quant import ggml, int8, kernel, nf4
+from jlora.quant.ggml import GGMLBlocks
 from jlora.quant.int8 import Int8Channels
 from jlora.quant.kernel import (
     FORMATS,
     QuantizedKernel,
+    data_roles,
     dense,
     dequantize_params,
     dequantizing,
@@ -33,12 +38,15 @@ from jlora.quant.nf4 import NF4Blocks
 
 __all__ = [
     "FORMATS",
+    "GGMLBlocks",
     "Int8Channels",
     "NF4Blocks",
     "QuantizedKernel",
+    "data_roles",
     "dense",
     "dequantize_params",
     "dequantizing",
+    "ggml",
     "int8",
     "is_quantized",
     "kernel",
