@@ -82,7 +82,7 @@ def measured_peak(cfg: config_lib.RunConfig) -> int:
     setup = Setup(cfg)
     tx = setup.optimizer()
     state = setup.initial_state(tx)
-    dtype = jax.tree.leaves(setup.original)[0].dtype
+    dtype = setup.dtype
     fused, _, _ = steps.step_fns(
         loss_of(cfg, setup.model, dtype),
         tx,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jlora import targets
+from jlora import quant, targets
 from jlora.config import AdapterConfig
 from jlora.methods import METHODS, Adapter, AdapterSpec
 
@@ -182,9 +182,10 @@ def _planned(
 ) -> tuple[dict[str, jax.Array], dict[str, AdapterSpec]]:
     """Each target's PRNG key and final spec (the method's whole-model `plan`)."""
     keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
+    abstract = lambda k: jax.ShapeDtypeStruct(k.shape, k.dtype) if quant.is_quantized(k) else k  # noqa: E731
     specs = METHODS[config.method].plan(
         {t.path: _spec(config, t) for t in tgts},
-        {t.path: flat[t.path] for t in tgts},
+        {t.path: abstract(flat[t.path]) for t in tgts},
         gflat,
         keys,
     )
@@ -240,14 +241,22 @@ def init(
     start = time.perf_counter()
     keys, specs = _planned(config, tgts, flat, gflat, key)
     adapters: Adapters = {}
-    new_kernels: dict[str, jax.Array] = {}
+    new_kernels: dict[str, Any] = {}
     for t in tgts:
         spec = specs[t.path]
         grad = None if gflat is None else gflat[t.path]
-        adapter, new_kernel = _init_target(flat[t.path], keys[t.path], grad, spec)
+        kernel = flat[t.path]
+        # A kernel kept quantized: the init reads its dequantized values, and a kernel the
+        # method rewrites (a residual) is stored quantized the same way.
+        stored = kernel if quant.is_quantized(kernel) else None
+        if stored is not None:
+            kernel = stored.dequantize()
+        adapter, new_kernel = _init_target(kernel, keys[t.path], grad, spec)
         adapters[t.path] = adapter
         if new_kernel is not None:
-            new_kernels[t.path] = new_kernel
+            new_kernels[t.path] = (
+                new_kernel if stored is None else quant.quantize_like(stored, new_kernel)
+            )
         log.debug("jlora.init: %s %s rank %d", config.method, t.path, spec.rank)
     base = targets.replace(params, new_kernels) if new_kernels else params
     n_train = sum(trainable_leaf_sizes(adapters).values())
@@ -342,8 +351,6 @@ def _kernels(params: Any, adapters: Adapters, fn_name: str) -> dict[str, jax.Arr
 
 def _full_precision(params: Any) -> Any:
     """`params` with any quantized kernel (`jlora.quant.QuantizedKernel`) dequantized."""
-    from jlora import quant
-
     if not any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized)):
         return params
     return quant.dequantize_params(params)

@@ -12,6 +12,10 @@ kernel used any other way, or stacked by `nn.scan`, gets plain autodiff. A kerne
 multiplies *and* some other code reads would get only the Dense's part of its gradient: pass
 such parameters as a separate, non-target leaf.
 
+On a base kept quantized (`jlora.quant`), each target's gradient is taken at its dequantized
+kernel (in its original dtype, a temporary of the jitted step) and the other quantized kernels
+run dequantized inside their layers (`jlora.quant.dequantizing`).
+
 Example:
   >>> import jax, jax.numpy as jnp, jlora
   >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
@@ -34,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora import targets
+from jlora import quant, targets
 from jlora.config import AdapterConfig
 from jlora.inject import last_axis_matmul
 
@@ -107,7 +111,7 @@ def _accumulate(
     # The target kernels are read out of `params` inside the step rather than passed as a second
     # argument: XLA would count them twice in the step's memory (it cannot know they alias).
     flat = targets.flatten(params)
-    kernels = {p: flat[p] for p in acc}
+    kernels = {p: flat[p].dequantize() if quant.is_quantized(flat[p]) else flat[p] for p in acc}
     tapped: set[str] = set()
 
     # Kernels that a targeted Flax Dense multiplies get their gradient from `_tap` (the
@@ -115,7 +119,7 @@ def _accumulate(
     # target kernel (a hand-written matmul, a non-Flax model) gets it from plain autodiff. XLA
     # drops the autodiff kernel gradients that are not returned.
     def loss(k: dict[str, jax.Array], probes: dict[str, jax.Array]) -> jax.Array:
-        with nn.intercept_methods(_tapping(probes, tapped)):
+        with quant.dequantizing(), nn.intercept_methods(_tapping(probes, tapped)):
             return loss_fn(targets.replace(params, k), batch)
 
     dk, dprobe = jax.grad(loss, argnums=(0, 1))(kernels, acc)

@@ -44,6 +44,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jlora import quant
 from jlora.methods import IN, METHODS, OUT, Adapter
 
 __all__ = [
@@ -53,10 +54,12 @@ __all__ = [
     "P",
     "Rule",
     "adapter_specs",
+    "kernel_specs",
     "make_mesh",
     "named",
     "param_specs",
     "placer",
+    "quantized_specs",
     "spec_of",
 ]
 
@@ -157,12 +160,40 @@ def spec_of(
     return _fit(tuple(shape), axes, _sizes(mesh))
 
 
+def quantized_specs(q: Any, kernel_spec: P, mesh: Mesh | Mapping[str, int]) -> Any:
+    """`q` (a `jlora.quant.QuantizedKernel`) with a `PartitionSpec` in place of each array of its
+    storage, derived from the kernel's spec through the format's axis roles
+    (`jlora.quant.data_roles`): the codes and scales shard along the output axis with the
+    kernel, along the input axis by whole blocks, each where its mesh axes divide it."""
+    k_in, k_out = tuple(kernel_spec) if len(kernel_spec) == 2 else (None, None)
+    axes = {IN: k_in, OUT: k_out, None: None}
+    specs = {
+        name: _fit(np.shape(getattr(q.data, name)), [axes[r] for r in roles], _sizes(mesh))
+        for name, roles in quant.data_roles(q).items()
+    }
+    return dataclasses.replace(q, data=dataclasses.replace(q.data, **specs))
+
+
 def param_specs(params: Any, rules: Sequence[Rule], mesh: Mesh | Mapping[str, int]) -> Any:
     """A pytree like `params` of `PartitionSpec`s: the first rule whose pattern fully matches
-    the leaf's '/'-joined path, else replicated (see the module docstring)."""
+    the leaf's '/'-joined path, else replicated (see the module docstring). A quantized kernel
+    gets its kernel's spec turned into its storage's (`quantized_specs`)."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    out = {path: spec_of(path, np.shape(leaf), rules, mesh) for path, leaf in flat.items()}
+    out = {
+        path: quantized_specs(leaf, spec_of(path, leaf.shape, rules, mesh), mesh)
+        if quant.is_quantized(leaf)
+        else spec_of(path, np.shape(leaf), rules, mesh)
+        for path, leaf in flat.items()
+    }
     return traverse_util.unflatten_dict(out, sep="/")
+
+
+def kernel_specs(
+    params: Any, paths: Sequence[str], rules: Sequence[Rule], mesh: Mesh | Mapping[str, int]
+) -> dict[str, P]:
+    """`{path: the kernel's PartitionSpec}` for `paths` of `params` (kept quantized or not)."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {p: spec_of(p, tuple(flat[p].shape), rules, mesh) for p in paths if p in flat}
 
 
 def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[..., jax.Array]:
@@ -170,7 +201,8 @@ def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[..., jax.Array]:
     out on `mesh` by `rules`, each device receiving only its own slice
     (`jax.make_array_from_callback`), so a model read one tensor at a time is never whole on any
     device (`jlora.models.load(..., mesh=)`). `x` may be a `jlora.models.lazy.Lazy`: then only
-    the slices of this process's devices are read, each distinct slice once.
+    the slices of this process's devices are read, each distinct slice once; or a
+    `jlora.quant.QuantizedKernel`: its arrays are laid out with the kernel's spec.
 
     Example:
       >>> mesh = make_mesh(MeshShape(), jax.devices()[:1])
@@ -178,9 +210,17 @@ def placer(mesh: Mesh, rules: Sequence[Rule]) -> Callable[..., jax.Array]:
       P('fsdp', None)
     """
 
-    def place(path: str, x: Any, dtype: Any = None) -> jax.Array:
+    def put(x: Any, where: NamedSharding) -> jax.Array:
+        if isinstance(x, jax.Array):  # e.g. just quantized on the mesh
+            return jax.device_put(x, where)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, where, lambda index: host[index])
+
+    def place(path: str, x: Any, dtype: Any = None) -> Any:
         shape = tuple(x.shape)
         spec = spec_of(path, shape, rules, mesh)
+        if quant.is_quantized(x):  # its storage laid out with the kernel (`quantized_specs`)
+            return jax.tree.map(put, x, named(mesh, quantized_specs(x, spec, mesh)))
         if not hasattr(x, "slicer"):  # an array: already in memory
             host = np.asarray(x) if dtype is None else np.asarray(x).astype(dtype)
             return jax.make_array_from_callback(

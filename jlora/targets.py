@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import Rule
+from jlora.quant.kernel import is_quantized
 
 
 def _key_name(k: Any) -> str:
@@ -43,14 +44,15 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def flatten(tree: Any) -> dict[str, Any]:
-    """All leaves of `tree` keyed by their '/'-joined path, in tree order."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    """All leaves of `tree` keyed by their '/'-joined path, in tree order (a kernel kept
+    quantized, `jlora.quant.QuantizedKernel`, is one leaf)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
     return {path_str(p): v for p, v in leaves}
 
 
 def replace(tree: Any, updates: Mapping[str, Any]) -> Any:
     """A copy of `tree` with the leaves at the given paths replaced."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
     paths = [path_str(p) for p, _ in leaves]
     missing = set(updates) - set(paths)
     if missing:

@@ -221,6 +221,7 @@ def test_an_nf4_kernel_holds_the_blocks_of_bitsandbytes_linear4bit_weight(bnb):
 def quantized_model(request):
     """A tiny model whose kernels' input widths are multiples of 32 (GGML blocks)."""
     from conftest import HF_TINY
+
     from jlora.models.bert import Bert, BertConfig
     from jlora.models.llama import Llama, LlamaConfig
 

@@ -154,7 +154,8 @@ def test_loading_on_a_mesh_places_each_tensor_in_its_layout():
     """`jm.load(source, mesh=...)` on 8 simulated devices (stories260K; MiniLM's safetensors
     and SmolLM2's GGUF when installed), meshes (1,8,1), (2,2,2), (1,1,8): the plain load's
     values, every leaf in its family's rule layout, and only a share of the model's bytes on
-    each device."""
+    each device; and with `quantize=` (NF4, the GGUF's blocks kept) every storage array in its
+    kernel's layout, the values those of the plain load quantized alike."""
     run = subprocess.run(
         [sys.executable, str(LOAD_SCRIPT)],
         env=MULTIDEVICE_ENV,
@@ -164,7 +165,12 @@ def test_loading_on_a_mesh_places_each_tensor_in_its_layout():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) >= 3
+    quantized = [r for r in rows if "quantize" in r]
+    rows = [r for r in rows if "quantize" not in r]
+    assert len(rows) >= 3 and len(quantized) >= 2
+    for r in quantized:  # kept quantized as read (NF4; SmolLM2's own Q4_1 blocks)
+        where = f"{r['source']} {r['quantize']} mesh {r['mesh']}"
+        assert r["equal"] and r["layouts"] and r["kernels"] >= 35 and r["sharded"] > 0, where
     for r in rows:
         where = f"{r['source']} mesh {r['mesh']}"
         assert r["equal"] and r["layouts"] and r["sharded"] > 0, where

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from jlora.models.generate import generate
-from jlora.models.hub import load, save_hf
+from jlora.models.hub import QUANTIZE_PATTERN, load, save_hf
 
-__all__ = ["generate", "load", "preset", "save_hf", "sharding_rules"]
+__all__ = ["QUANTIZE_PATTERN", "generate", "load", "preset", "save_hf", "sharding_rules"]
 
 
 def preset(model: Any, name: str) -> str:

@@ -9,7 +9,9 @@ module maps them back to what a `transformers` Llama checkpoint would hold:
 * Layout: GGUF lists dims fastest-first (ggml's `ne`), the reverse of numpy, so a `[in, out]`
   GGUF shape is an `(out, in)` array -- already PyTorch's `nn.Linear` layout; nothing transposed.
 * Values: every tensor is dequantised to float32 by `gguf.quants.dequantize`, one per `read`,
-  so peak memory is the memory-mapped file plus one tensor.
+  so peak memory is the memory-mapped file plus one tensor; or, `read(name, keep_blocks=True)`,
+  a linear layer's Q4_0 / Q4_1 / Q8_0 weight is kept as its blocks (`KeptBlocks`, whose `.T`
+  is the Flax kernel as a `jlora.quant.QuantizedKernel`): nothing dequantised.
 * RoPE: llama.cpp rotates interleaved pairs, so `convert_hf_to_gguf.py` permutes the rows of
   q_proj / k_proj (weights and biases) from Hugging Face's rotate-half order; `read` undoes it.
 * Config: a `LlamaConfig`-compatible dict from the `llama.*` fields; `tie_word_embeddings` is
@@ -41,6 +43,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from jlora.errors import ModelFileError, exception_line
@@ -88,6 +91,20 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """
     out = w.shape[0]
     return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class KeptBlocks:
+    """A GGUF linear weight (out, in) kept as its GGML blocks (`jlora.quant.ggml`); `.T` is the
+    Flax kernel (in, out) it stores, as a `jlora.quant.QuantizedKernel` over host arrays."""
+
+    def __init__(self, blocks: Any, fmt: str, shape: tuple[int, int]) -> None:
+        self.blocks, self.fmt, self.shape = blocks, fmt, shape
+
+    @property
+    def T(self) -> Any:  # noqa: N802 (NumPy's name)
+        from jlora.quant import QuantizedKernel
+
+        return QuantizedKernel(data=self.blocks, fmt=self.fmt, shape=self.shape[::-1], blocksize=32)
 
 
 class GGUFCheckpoint:
@@ -204,20 +221,39 @@ class GGUFCheckpoint:
 
         return sorted(self._tensors, key=lambda n: (rank(n), n.startswith("lm_head")))
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor by Hugging Face name, dequantised to float32 in PyTorch layout (out, in)."""
+    def read(self, name: str, *, keep_blocks: bool = False) -> Any:
+        """One tensor by Hugging Face name, dequantised to float32 in PyTorch layout (out, in);
+        with `keep_blocks`, a linear layer's Q4_0 / Q4_1 / Q8_0 weight as `KeptBlocks` instead
+        (the embeddings, norms and other types are dequantised as always)."""
         from gguf.quants import dequantize
+
+        from jlora.quant import ggml
 
         if name not in self._tensors:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml's ne is fastest-first
+        fmt = t.tensor_type.name.lower()
+        if keep_blocks and fmt in ggml.FORMATS and len(shape) == 2 and "embed_tokens" not in name:
+            blocks = ggml.from_bytes(t.data, fmt, rows=shape[0])
+            heads = self._rope_heads(name)
+            if heads:  # whole rows (output channels) move: the blocks stay blocks
+                blocks = jax.tree.map(
+                    lambda a: np.ascontiguousarray(unpermute_rope(a, heads)), blocks
+                )
+            return KeptBlocks(blocks, fmt, shape)
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if ".self_attn.q_proj." in name:
-            w = unpermute_rope(w, self.config["num_attention_heads"])
-        elif ".self_attn.k_proj." in name:
-            w = unpermute_rope(w, self.config["num_key_value_heads"])
+        if heads := self._rope_heads(name):
+            w = unpermute_rope(w, heads)
         return w if w.flags.writeable and w.flags.c_contiguous else np.array(w)  # not the mmap
+
+    def _rope_heads(self, name: str) -> int:
+        """The head count whose RoPE order `read` undoes for tensor `name` (0: none)."""
+        if ".self_attn.q_proj." in name:
+            return int(self.config["num_attention_heads"])
+        if ".self_attn.k_proj." in name:
+            return int(self.config["num_key_value_heads"])
+        return 0
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         """`(name, array)` pairs, one tensor in memory at a time."""

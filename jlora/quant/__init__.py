@@ -32,6 +32,7 @@ from jlora.quant.kernel import (
     dequantizing,
     is_quantized,
     quantize_kernel,
+    quantize_like,
     quantize_params,
 )
 from jlora.quant.nf4 import NF4Blocks
@@ -52,5 +53,6 @@ __all__ = [
     "kernel",
     "nf4",
     "quantize_kernel",
+    "quantize_like",
     "quantize_params",
 ]

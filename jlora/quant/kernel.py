@@ -56,6 +56,7 @@ __all__ = [
     "dequantizing",
     "is_quantized",
     "quantize_kernel",
+    "quantize_like",
     "quantize_params",
 ]
 
@@ -125,6 +126,14 @@ def quantize_kernel(
     return QuantizedKernel(
         data=data, fmt=fmt, shape=tuple(k.shape), dtype=k.dtype.name, blocksize=blocksize
     )
+
+
+def quantize_like(q: QuantizedKernel, kernel: Any) -> QuantizedKernel:
+    """`kernel` quantized as `q` is (format, block size, double quantization): how an init that
+    rewrites a quantized kernel (PiSSA's residual) stores the result."""
+    double = q.fmt == "nf4" and q.data.absmax2 is not None
+    out = quantize_kernel(kernel, q.fmt, blocksize=q.blocksize, double_quant=double)
+    return dataclasses.replace(out, dtype=q.dtype)
 
 
 def _nf4_rows(q: nf4.NF4Blocks, shape: tuple[int, ...], blocksize: int) -> nf4.NF4Blocks:

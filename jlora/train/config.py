@@ -42,7 +42,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
 REMATS = tuple(REMAT)  # per-layer rematerialisation policies (jlora.models.remat)
-QUANTIZE = ("none", *FORMATS)  # storage of the frozen base's kernels (jlora.quant)
+QUANTIZE = ("none", "gguf", *FORMATS)  # storage of the frozen base's kernels (jlora.quant)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,9 +57,12 @@ class ModelConfig:
     # recomputes the rest (see jlora.models.remat). Memory and time only; same numbers.
     remat: str = "none"
     # Keep the frozen base's dense kernels quantized (jlora.quant): "none", "nf4" (4-bit
-    # NormalFloat blocks of 64, as bitsandbytes) or "int8" (one absmax per output channel). The
-    # adapters are initialised from the full-precision kernels first (a residual method's
-    # rewritten kernel is what gets quantized); each layer dequantizes inside its call.
+    # NormalFloat blocks of 64, as bitsandbytes), "int8" (one absmax per output channel),
+    # "q4_0" / "q4_1" / "q8_0" (llama.cpp's blocks of 32), or "gguf" (a .gguf source's own
+    # Q4_0/Q4_1/Q8_0 blocks, kept as stored). Each kernel is quantized as it is read, so the
+    # full-precision model is never in memory, except for methods that rewrite the kernel
+    # (PiSSA, LoRA-GA, residual NLoRA/IntTune): they initialise from the full-precision kernels
+    # and their residual is what gets quantized (QPiSSA). Each layer dequantizes in its call.
     quantize: str = "none"
 
 

@@ -372,4 +372,4 @@ class _NoMetrics:
 
 def _loss_of(setup: Setup) -> Any:
     """`loss(trainable, frozen, batch, step)` of the jitted steps (`setup.loss_of`)."""
-    return loss_of(setup.cfg, setup.model, jax.tree.leaves(setup.original)[0].dtype)
+    return loss_of(setup.cfg, setup.model, setup.dtype)

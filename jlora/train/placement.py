@@ -33,7 +33,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-import jlora
 from jlora import sharding
 from jlora.methods import Adapter
 from jlora.sharding import P
@@ -68,9 +67,9 @@ class Placement:
         """`params` placed by the family's rules."""
         return jax.device_put(params, sharding.named(self.mesh, self.base_specs(params)))
 
-    def adapters(self, adapters: Mapping[str, Adapter], base_specs: Any) -> dict[str, Adapter]:
-        """`adapters` placed by their kernels' layouts (`base_specs`: `base_specs(base)`)."""
-        kernels = {p: s for p, s in jlora.targets.flatten(base_specs).items() if p in adapters}
+    def adapters(self, adapters: Mapping[str, Adapter], base: Any) -> dict[str, Adapter]:
+        """`adapters` placed by the layouts of their kernels in `base` (kept quantized or not)."""
+        kernels = sharding.kernel_specs(base, list(adapters), self.rules, self.mesh)
         specs = sharding.adapter_specs(adapters, kernels, self.mesh)
         return jax.device_put(dict(adapters), sharding.named(self.mesh, specs))
 

@@ -36,7 +36,7 @@ from jlora import persist, quant, sharding
 from jlora.errors import ConfigError
 from jlora.methods import METHODS, Adapter
 from jlora.train import tasks
-from jlora.train.config import RunConfig, check_adapter
+from jlora.train.config import QUANTIZE, RunConfig, check_adapter
 from jlora.train.placement import Placement
 from jlora.train.steps import new_guard
 
@@ -57,6 +57,18 @@ def rebuilds_from_meta(cfg: RunConfig) -> bool:
     method = METHODS[cfg.method]
     options = check_adapter(cfg).options
     return not method.residual(options)
+
+
+def rewrites_kernels(cfg: RunConfig) -> bool:
+    """Whether the run's init rewrites the base kernels (a residual: PiSSA, LoRA-GA, residual
+    NLoRA / IntTune), so it must read them in full precision before they are quantized."""
+    if cfg.train.full_finetune:
+        return False
+    return METHODS[cfg.method].residual(check_adapter(cfg).options)
+
+
+def _has_quantized(params: Any) -> bool:
+    return any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
 
 
 def schedule(cfg: RunConfig, peak: float) -> optax.Schedule:
@@ -159,9 +171,13 @@ class Setup:
         self.cfg = cfg
         t = cfg.train
         mesh = run_mesh(cfg, devices, check_batch=need_data)
-        dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+        self.dtype = dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
         num_labels = len(tasks.SST2_LABELS) if cfg.task == "sst2" else None
-        log.info("loading %s", cfg.model.source)
+        fmt = cfg.model.quantize
+        # Quantize as the checkpoint is read, except where an init rewrites the kernels: those
+        # start from full precision and their residual is quantized after (QPiSSA).
+        at_load = fmt != "none" and (fmt == "gguf" or not rewrites_kernels(cfg))
+        log.info("loading %s%s", cfg.model.source, f" ({fmt} kernels)" if at_load else "")
         self.model, params, self.tokenizer = jm.load(
             cfg.model.source,
             dtype=dtype,
@@ -169,7 +185,13 @@ class Setup:
             key=jax.random.key(t.seed),
             require_tokenizer=True,
             mesh=mesh,  # each tensor straight into its layout: never whole on one device
+            quantize=fmt if at_load else None,
         )
+        if fmt == "gguf" and not _has_quantized(params):
+            raise ConfigError(
+                f"model.quantize='gguf' keeps a .gguf file's Q4_0/Q4_1/Q8_0 blocks; "
+                f"model.source={cfg.model.source!r} has none: use one of {QUANTIZE[2:]}"
+            )
         self.model = self.model.clone(remat=cfg.model.remat)
         self.place = Placement(mesh, jm.sharding_rules(self.model))
         params = self.place.base(params)
@@ -193,16 +215,17 @@ class Setup:
             grads = self._prepass(params) if needs_grads(cfg) else None
             base, adapters = jlora.init(self.acfg, params, jax.random.key(t.seed), grads=grads)
         base = self.place.base(base)  # an init may have rewritten it (PiSSA's residual)
-        adapters = self.place.adapters(adapters, self.place.base_specs(base))
+        adapters = self.place.adapters(adapters, base)
         self.initial_adapters = adapters
         head_names = [k for k in tasks.HEAD_MODULES if k in base] if self._train_head else []
         head = {k: jax.tree.map(lambda x: x.astype(jnp.float32), base[k]) for k in head_names}
         trainable, frozen = jlora.split(adapters)
         self.trainable = {"adapters": trainable, "head": head}
         frozen_base = {k: v for k, v in base.items() if k not in head_names}
-        if cfg.model.quantize != "none":  # after the init read the full-precision kernels
-            frozen_base = quant.quantize_params(frozen_base, cfg.model.quantize)
-            log.info("frozen base kernels kept as %s", cfg.model.quantize)
+        if fmt != "none" and not at_load:  # the init has read the full-precision kernels
+            frozen_base = quant.quantize_params(frozen_base, fmt, jm.QUANTIZE_PATTERN)
+            frozen_base = self.place.base(frozen_base)
+            log.info("frozen base kernels (the residual) quantized as %s", fmt)
         self.frozen = {"adapters": frozen, "base": frozen_base}
 
     @property
@@ -230,7 +253,7 @@ class Setup:
         """`(params, adapters)` the model runs with, from the trainable state (and `frozen`, by
         default `self.frozen`; jitted steps pass it as an argument)."""
         frozen = self.frozen if frozen is None else frozen
-        return assemble(trainable, frozen, jax.tree.leaves(self.original)[0].dtype)
+        return assemble(trainable, frozen, self.dtype)
 
     def optimizer(self) -> optax.GradientTransformation:
         return optimizer(self.cfg, self.trainable)

