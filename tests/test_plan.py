@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 import jlora
 import jlora.models as jm
+from jlora import quant
 from jlora.errors import ConfigError
 from jlora.models import abstract
 from jlora.train import config as config_lib
@@ -135,12 +137,14 @@ def test_tensor_and_fsdp_split_the_base_and_the_adapters_follow():
     assert p.per_device["optimizer"] == pytest.approx(2 * p.per_device["adapters"], rel=1e-4)
 
 
-def test_compiled_plan_is_the_real_step():
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_compiled_plan_is_the_real_step(quantize):
     """The plan, compiled from abstract shapes, has exactly the buffer assignment of the step
-    train.py compiles from the loaded model and a real batch."""
+    train.py compiles from the loaded model and a real batch (and, with the base kept as NF4,
+    counts its codes and scales)."""
     d = {
         "task": "gsm8k",
-        "model": {"source": str(STORIES)},
+        "model": {"source": str(STORIES), "quantize": quantize},
         "data": {
             "source": "data/gsm8k",
             "eval_split": "test",
@@ -172,6 +176,13 @@ def test_compiled_plan_is_the_real_step():
     assert p.estimate == pytest.approx(p.compiled, rel=0.25)
     assert p.per_device["base"] == sum(x.nbytes for x in jax.tree.leaves(setup.frozen["base"]))
     assert p.trainable == setup.trainable_params()
+    if quantize == "nf4":  # the 35 kernels' codes and scales in place of their fp32 values
+        plain = plan_lib.plan(config_lib.from_dict({**d, "model": {"source": str(STORIES)}}))
+        leaves = jax.tree.leaves(setup.frozen["base"], is_leaf=quant.is_quantized)
+        kernels = [x for x in leaves if quant.is_quantized(x)]
+        assert len(kernels) == 35
+        saved = sum(4 * math.prod(k.shape) - k.nbytes for k in kernels)
+        assert plain.per_device["base"] - p.per_device["base"] == saved
 
 
 def test_parse_bytes():

@@ -233,7 +233,7 @@ class GGUFCheckpoint:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         t = self._tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml's ne is fastest-first
-        fmt = t.tensor_type.name.lower()
+        fmt = self.tensor_type(name)
         if keep_blocks and fmt in ggml.FORMATS and len(shape) == 2 and "embed_tokens" not in name:
             blocks = ggml.from_bytes(t.data, fmt, rows=shape[0])
             heads = self._rope_heads(name)
@@ -246,6 +246,10 @@ class GGUFCheckpoint:
         if heads := self._rope_heads(name):
             w = unpermute_rope(w, heads)
         return w if w.flags.writeable and w.flags.c_contiguous else np.array(w)  # not the mmap
+
+    def tensor_type(self, name: str) -> str:
+        """The GGML type of tensor `name` as stored, lower case ("q4_1", "f32", ...)."""
+        return self._tensors[name].tensor_type.name.lower()
 
     def _rope_heads(self, name: str) -> int:
         """The head count whose RoPE order `read` undoes for tensor `name` (0: none)."""

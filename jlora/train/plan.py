@@ -6,7 +6,7 @@ adapters (`jlora.abstract_init`) and the optimizer state (`jax.eval_shape` of it
 (`jlora.sharding`), and reports per device:
 
 - `base`: the frozen parameters (a trained head and full fine-tuning's parameters count as
-  trainable);
+  trainable), as `model.quantize` stores them (a quantized kernel's codes and scales);
 - `adapters`: every adapter leaf, frozen ones included (VeRA's shared matrices, IntTune's
   factors), plus a trained head;
 - `optimizer`: the optimizer state (Adam's two moments of every trainable leaf, fp32);
@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -46,10 +47,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 import jlora
 import jlora.models as jm
-from jlora import sharding
+from jlora import quant, sharding
 from jlora.errors import ConfigError, UserError, exception_line
 from jlora.models.abstract import count, load_abstract
 from jlora.sharding import P
@@ -352,8 +354,12 @@ def plan(
         trainable = {"adapters": tr, "head": head}
         trainable_specs = {"adapters": tr_specs, "head": head_specs}
         rest = [k for k in base if k not in heads]
-        frozen = {"adapters": fr, "base": {k: base[k] for k in rest}}
-        frozen_specs = {"adapters": fr_specs, "base": {k: base_specs[k] for k in rest}}
+        frozen_base = quantized_abstract(cfg, {k: base[k] for k in rest})
+        frozen = {"adapters": fr, "base": frozen_base}
+        frozen_specs = {
+            "adapters": fr_specs,
+            "base": sharding.param_specs(frozen_base, rules, sizes),
+        }
         adapter_bytes = _tree_bytes(fr, fr_specs, sizes)
         if setup_lib.needs_grads(cfg):
             flat_specs = jlora.targets.flatten(base_specs)
@@ -419,6 +425,35 @@ def plan(
         compile_seconds=seconds,
         device_memory=device_memory,
     )
+
+
+def quantized_abstract(cfg: RunConfig, base: Any) -> Any:
+    """The abstract frozen base as `model.quantize` stores it: each kernel that
+    `jlora.models.QUANTIZE_PATTERN` matches quantized (for "gguf", in the file's own type of
+    each linear weight, read from its metadata)."""
+    fmt = cfg.model.quantize
+    if fmt == "none":
+        return base
+    if fmt != "gguf":
+        return jax.eval_shape(lambda b: quant.quantize_params(b, fmt, jm.QUANTIZE_PATTERN), base)
+    from jlora.models.gguf import GGUFCheckpoint
+    from jlora.models.hub import _locate
+    from jlora.models.llama.params import linen_path
+
+    ckpt = GGUFCheckpoint(_locate(cfg.model.source))
+    types = {}
+    for name in ckpt.names():
+        kind = ckpt.tensor_type(name)
+        if kind in quant.ggml.FORMATS and name != "model.embed_tokens.weight":
+            types[linen_path(name)[0]] = kind
+    flat = traverse_util.flatten_dict(base, sep="/")
+    out = {
+        p: jax.eval_shape(functools.partial(quant.quantize_kernel, fmt=types[p]), x)
+        if p in types
+        else x
+        for p, x in flat.items()
+    }
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 def _train_head(cfg: RunConfig) -> bool:
