@@ -64,12 +64,13 @@ def _lora_factors(adapter: Adapter) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fold(
-    path: str, adapter: Adapter, initial: Adapter | None = None
+    path: str, adapter: Adapter, initial: Adapter | None = None, *, rewritten: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(A', B')` in float64 with `ΔK' = s · A' @ B'` relative to the ORIGINAL kernel.
 
-    For a method whose init rewrote the frozen kernel (`spec.residual`), `initial` is the adapter
-    `jlora.init` returned for this target; the result has rank 2r: `[A, A0] @ [B; −B0]`. For
+    For a method whose init rewrote the frozen kernel (`spec.residual`, or `rewritten`: a LoftQ
+    init, `jlora.quant.loftq`), `initial` is the adapter the init returned for this target; the
+    result has rank 2r: `[A, A0] @ [B; −B0]`. For
     DoRA these are the factors of the direction `K + s·A'@B'` (PEFT's lora_A / lora_B); the
     magnitude comes from `Method.peft_extra`.
 
@@ -88,7 +89,7 @@ def fold(
             "kernels only (unstack the layers first)"
         )
     A, B = _lora_factors(adapter)
-    if not spec.residual:
+    if not (spec.residual or rewritten):
         return A, B
     if initial is None:
         raise ValueError(
@@ -188,6 +189,7 @@ def to_peft(
     path: str | os.PathLike,
     *,
     initial_adapters: Adapters | None = None,
+    rewritten: bool = False,
     extra_params: Any = None,
     base_model_name_or_path: str | None = None,
 ) -> pathlib.Path:
@@ -204,6 +206,9 @@ def to_peft(
       initial_adapters: what `jlora.init` returned; needed for methods that rewrote the frozen
         kernel (`pissa`, `loraga`, `nlora`/`inttune` with `nlora_core="pinv"`), since PEFT
         loads the adapter onto the original base weights.
+      rewritten: every target's frozen kernel was rewritten at init whatever the method (a LoftQ
+        init: `jlora.quant.loftq`, whose base is `quantize(K − ΔK0)`): fold as for residual
+        methods, so the adapter is for the original, full-precision base (as PEFT's own).
       extra_params: trained non-adapter parameters as Linen subtrees, e.g.
         `{"classifier": ..., "pooler": ...}`; each top-level module goes to `modules_to_save`.
       base_model_name_or_path: written into `adapter_config.json` (a hub id or a folder).
@@ -243,7 +248,7 @@ def to_peft(
     alphas: dict[str, float | int] = {}
     fields: dict[str, dict[str, Any]] = {}  # adapter_config.json fields of each target's method
     for p, adapter in adapters.items():
-        A, B = fold(p, adapter, initial_adapters.get(p))
+        A, B = fold(p, adapter, initial_adapters.get(p), rewritten=rewritten)
         module = fam.hf_module(model.config, _linen_module(p))
         r = A.shape[1]
         tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = _float32(A.T)

@@ -271,7 +271,7 @@ def _placement(fam: ModuleType, mesh: Any) -> tuple[Any, Any]:
 
 
 # The kernels `load(quantize=...)` quantizes: every dense kernel but a classification head's.
-QUANTIZE_PATTERN = r"(?!(.*/)?(pooler|classifier|score)/).*kernel"
+QUANTIZE_PATTERN = quant.FROZEN_KERNELS
 QUANTIZE = ("gguf", *quant.FORMATS)
 
 

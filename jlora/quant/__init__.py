@@ -20,11 +20,12 @@ Example:
   0.146
 """
 
-from jlora.quant import ggml, int8, kernel, nf4
+from jlora.quant import ggml, int8, kernel, loftq, nf4
 from jlora.quant.ggml import GGMLBlocks
 from jlora.quant.int8 import Int8Channels
 from jlora.quant.kernel import (
     FORMATS,
+    FROZEN_KERNELS,
     QuantizedKernel,
     data_roles,
     dense,
@@ -39,6 +40,7 @@ from jlora.quant.nf4 import NF4Blocks
 
 __all__ = [
     "FORMATS",
+    "FROZEN_KERNELS",
     "GGMLBlocks",
     "Int8Channels",
     "NF4Blocks",
@@ -51,6 +53,7 @@ __all__ = [
     "int8",
     "is_quantized",
     "kernel",
+    "loftq",
     "nf4",
     "quantize_kernel",
     "quantize_like",

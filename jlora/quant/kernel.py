@@ -49,6 +49,7 @@ from jlora.quant import ggml, int8, nf4
 
 __all__ = [
     "FORMATS",
+    "FROZEN_KERNELS",
     "QuantizedKernel",
     "data_roles",
     "dense",
@@ -61,6 +62,9 @@ __all__ = [
 ]
 
 FORMATS = ("nf4", "int8", *ggml.FORMATS)
+# The kernels a frozen base keeps quantized: every dense kernel but a classification head's
+# (`pooler`, `classifier`, `score`: they train, or start fresh).
+FROZEN_KERNELS = r"(?!(.*/)?(pooler|classifier|score)/).*kernel"
 
 
 @jax.tree_util.register_dataclass

@@ -34,6 +34,7 @@ import yaml
 from jlora.errors import ConfigError, one_line
 from jlora.models.remat import REMAT
 from jlora.quant import FORMATS
+from jlora.quant.loftq import ALTERNATING
 from jlora.sharding import MESH_AXES, MeshShape
 from jlora.train.distributed import DistributedConfig
 
@@ -64,6 +65,11 @@ class ModelConfig:
     # (PiSSA, LoRA-GA, residual NLoRA/IntTune): they initialise from the full-precision kernels
     # and their residual is what gets quantized (QPiSSA). Each layer dequantizes in its call.
     quantize: str = "none"
+    # LoftQ's alternation (jlora.quant.loftq): this many rounds of "refit the adapter to
+    # K − dequant(Q), requantize K − ΔK" after the init, so the quantized base plus the
+    # adapters start close to the full-precision model. 0: off. Methods lora and pissa; the
+    # base is then read in full precision first.
+    loftq_iters: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -223,6 +229,15 @@ def _validate(cfg: RunConfig) -> None:
         q == "none" or not t.full_finetune,
         q,
         "'none' with train.full_finetune=true (full fine-tuning trains the base itself)",
+    )
+    n = cfg.model.loftq_iters
+    _check("model.loftq_iters", n >= 0, n, "an integer >= 0")
+    _check("model.loftq_iters", n == 0 or q != "none", n, "0 unless model.quantize is set")
+    _check(
+        "model.loftq_iters",
+        n == 0 or cfg.method in ALTERNATING,
+        n,
+        f"0 for adapter.method={cfg.method!r} (LoftQ refits the free factors of {ALTERNATING})",
     )
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
         _check(f"train.{name}", getattr(t, name) >= 1, getattr(t, name), "an integer >= 1")

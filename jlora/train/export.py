@@ -126,6 +126,7 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> path
             adapters,
             out,
             initial_adapters=setup.initial_adapters,
+            rewritten=setup.cfg.model.loftq_iters > 0,  # LoftQ rewrote every target's kernel
             extra_params=head,
             base_model_name_or_path=setup.cfg.model.source,
         )

@@ -176,7 +176,8 @@ class Setup:
         fmt = cfg.model.quantize
         # Quantize as the checkpoint is read, except where an init rewrites the kernels: those
         # start from full precision and their residual is quantized after (QPiSSA).
-        at_load = fmt != "none" and (fmt == "gguf" or not rewrites_kernels(cfg))
+        loftq = cfg.model.loftq_iters
+        at_load = fmt != "none" and (fmt == "gguf" or not (rewrites_kernels(cfg) or loftq))
         log.info("loading %s%s", cfg.model.source, f" ({fmt} kernels)" if at_load else "")
         self.model, params, self.tokenizer = jm.load(
             cfg.model.source,
@@ -213,7 +214,14 @@ class Setup:
             base = params
         else:
             grads = self._prepass(params) if needs_grads(cfg) else None
-            base, adapters = jlora.init(self.acfg, params, jax.random.key(t.seed), grads=grads)
+            key = jax.random.key(t.seed)
+            if loftq and not at_load:  # the init and its alternation on full precision
+                base, adapters = quant.loftq.init(
+                    self.acfg, params, key, fmt=fmt, iters=loftq, pattern=jm.QUANTIZE_PATTERN
+                )
+                log.info("LoftQ: %d alternations of the %s base and the adapters", loftq, fmt)
+            else:
+                base, adapters = jlora.init(self.acfg, params, key, grads=grads)
         base = self.place.base(base)  # an init may have rewritten it (PiSSA's residual)
         adapters = self.place.adapters(adapters, base)
         self.initial_adapters = adapters
@@ -222,7 +230,7 @@ class Setup:
         trainable, frozen = jlora.split(adapters)
         self.trainable = {"adapters": trainable, "head": head}
         frozen_base = {k: v for k, v in base.items() if k not in head_names}
-        if fmt != "none" and not at_load:  # the init has read the full-precision kernels
+        if fmt != "none" and not at_load and not loftq:  # the init read full precision
             frozen_base = quant.quantize_params(frozen_base, fmt, jm.QUANTIZE_PATTERN)
             frozen_base = self.place.base(frozen_base)
             log.info("frozen base kernels (the residual) quantized as %s", fmt)
