@@ -17,10 +17,14 @@ gradient) and one real training step per method (`step_cost.AdapterStep`: split,
   kind (H100/H200 989, A100 312, L4 121 TFLOP/s); on a CPU there is none and MFU is left out;
 - the step / floor ratio (paired per round).
 
+`--quantize none,nf4` also runs each method on the base kept as NF4 (or int8, ...; each layer
+dequantizes to bf16), with XLA's peak of every step: QLoRA's memory against the bf16 base.
+
 Prints a Markdown table and writes `scale_cost.json` (rows also to `rows.jsonl` as they come)
 to `--out`. On one 80 GB GPU:
 
   python -m benchmarks.scale_cost --models 1b,8b --methods lora,nlora --seq 1024 --rounds 5
+  python -m benchmarks.scale_cost --models 8b --methods lora --quantize none,nf4 --seq 1024
 
 On a CPU, `--layers 1 --seq 64` runs the same code on one layer of each shape.
 """
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, step_cost
+from jlora import quant
 from jlora.models.abstract import load_abstract
 
 log = logging.getLogger("benchmarks")
@@ -105,6 +110,13 @@ def workload(
     return step_cost.causal_lm(name, model, params, ids), config
 
 
+def _quantized(w: step_cost.Workload, fmt: str) -> step_cost.Workload:
+    """`w` with its dense kernels kept as `fmt` (`jlora.quant`; dequantized to bf16 in each
+    layer, QLoRA-style), quantized on the device one kernel at a time."""
+    params = quant.quantize_params(w.params, fmt, quant.FROZEN_KERNELS)
+    return dataclasses.replace(w, params=params, name=f"{w.name}, {fmt} base")
+
+
 def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     device = jax.devices()[0]
@@ -115,9 +127,16 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         flops = model_flops(config, args.batch, args.seq)
         steps: dict[str, Any] = {"floor": step_cost.floor_step(w)}
-        for method in [m for m in args.methods.split(",") if m]:
-            v = step_cost.Variant(name=method, method=method)
-            steps[method] = step_cost.AdapterStep(w, v, step_cost.adapter_config(w, v, args.rank))
+        memory: dict[str, int] = {}
+        for fmt in [f for f in args.quantize.split(",") if f]:
+            wq = w if fmt == "none" else _quantized(w, fmt)
+            for method in [m for m in args.methods.split(",") if m]:
+                v = step_cost.Variant(name=method, method=method)
+                name = method if fmt == "none" else f"{method} @ {fmt}"
+                steps[name] = step_cost.AdapterStep(
+                    wq, v, step_cost.adapter_config(wq, v, args.rank)
+                )
+                memory[name] = steps[name].memory()["peak"]
         compile_s = {}
         for name, fn in steps.items():
             before = common.compilations()
@@ -142,6 +161,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "model_flops": flops,
                 "mfu": None if peak is None else flops / (median * peak),
                 "vs_floor": common.paired_ratio(times[name], times["floor"]),
+                "xla_peak": memory.get(name),
                 "device": getattr(device, "device_kind", device.platform),
             }
             out.append(common.record(row))
@@ -153,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="1b,8b", help=f"comma-separated of {sorted(MODELS)}")
     p.add_argument("--methods", default="lora,nlora", help="comma-separated adapter methods")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument(
+        "--quantize",
+        default="none",
+        help="comma-separated base storages for the method steps: none (bf16), nf4, int8, ...",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
@@ -178,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "mfu": "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             "floor": f"{r['vs_floor']:.2f}×",
             "compile": f"{r['compile_s']:.1f} s",
+            "peak": "—" if r["xla_peak"] is None else common.fmt_bytes(r["xla_peak"]),
         }
         for r in result_rows
     ]
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         ("mfu", "MFU"),
         ("floor", "÷ floor (paired)"),
         ("compile", "first call (compiles)"),
+        ("peak", "XLA peak"),
     ]
     print(common.table(table, columns))
     result = {"args": vars(args), "rows": result_rows, **common.environment()}

@@ -229,12 +229,57 @@ def test_scale_cost_rows(tmp_path, capsys):
     assert scale_cost.model_flops(model.config, 1, 1) == 4 * matmuls + 12 * 32 * 4_096
 
     argv = ["--models", "1b", "--layers", "1", "--seq", "32", "--rounds", "1"]
+    argv += ["--quantize", "none,nf4"]
     assert scale_cost.main([*argv, "--peak-tflops", "1", "--out", str(tmp_path)]) == 0
     rows = {r["step"]: r for r in json.loads((tmp_path / "scale_cost.json").read_text())["rows"]}
-    assert set(rows) == {"floor", "lora", "nlora"}
-    assert rows["floor"]["vs_floor"] == 1.0
+    assert set(rows) == {"floor", "lora", "nlora", "lora @ nf4", "nlora @ nf4"}
+    assert rows["floor"]["vs_floor"] == 1.0 and rows["floor"]["xla_peak"] is None
+    assert all(r["xla_peak"] > 0 for name, r in rows.items() if name != "floor")
     for r in rows.values():
         assert r["tokens_per_s"] == pytest.approx(32 / r["median_s"])
         assert r["mfu"] == pytest.approx(r["model_flops"] / (r["median_s"] * 1e12))
         assert r["compile_s"] > 0 and r["vs_floor"] > 0
     assert "MFU" in capsys.readouterr().out
+
+
+def test_quant_cost_rows(tmp_path, capsys):
+    """`python -m benchmarks.quant_cost` on one SmolLM2 layer: a row per base storage, their
+    kernel bytes exactly the formats' (NF4: 4 bits and a float32 scale per 64 values; int8: a
+    byte and a float32 scale per output channel; the GGUF's Q4_1: 20 bytes per 32 values), and
+    (with bitsandbytes) jlora's NF4 step beside PEFT's on bitsandbytes NF4 layers."""
+    from benchmarks import quant_cost
+
+    argv = ["--workloads", "smollm2", "--smollm-layers", "1", "--smollm-seq", "32"]
+    assert quant_cost.main([*argv, "--rounds", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quant_cost.json").read_text())["rows"]
+    by = {r["storage"]: r for r in rows if r["section"] == "quant"}
+    assert set(by) == {"fp32", "bf16", "int8", "nf4", "nf4-fp32", "gguf"}
+    n = by["fp32"]["kernel_bytes"] / 4  # 7 kernels of one layer (the head is tied)
+    assert by["bf16"]["kernel_bytes"] == 2 * n
+    assert by["nf4"]["kernel_bytes"] == by["nf4-fp32"]["kernel_bytes"] == n / 2 + n / 16
+    assert by["gguf"]["kernel_bytes"] == n * 20 / 32
+    assert n < by["int8"]["kernel_bytes"] < 1.01 * n
+    assert by["bf16"]["vs_bf16"] == 1.0 and by["fp32"]["vs_fp32"] == 1.0
+    # The same model at init, up to its 4-bit rounding: the losses agree closely.
+    assert abs(by["nf4-fp32"]["loss_at_init"] - by["fp32"]["loss_at_init"]) < 0.05
+    peft = [r for r in rows if r["section"] == "quant-peft-bnb"]
+    if not any("skipped" in r for r in peft):
+        (jl,) = [r for r in peft if r["contender"] == "jlora"]
+        assert jl["linear4bit_layers"] == 36 and jl["jlora_vs_peft"] > 0
+    assert "vs bf16" in capsys.readouterr().out
+
+
+def test_quant_init_rows(tmp_path, capsys):
+    """`python -m benchmarks.quant_init` on one SmolLM2 layer, NF4: plain quantization is the
+    baseline; LoftQ's alternation and QPiSSA start nearer the full-precision kernels."""
+    from benchmarks import quant_init
+
+    argv = ["--workloads", "smollm2", "--smollm-layers", "1", "--formats", "nf4"]
+    assert quant_init.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = {r["init"]: r for r in json.loads((tmp_path / "quant_init.json").read_text())["rows"]}
+    assert len(rows) == len(quant_init.INITS)
+    plain = rows["lora (plain quantization)"]
+    assert plain["vs_plain"] == 1.0 and plain["targets"] == 7 and 0 < plain["error"] < 0.2
+    assert rows["lora + LoftQ 5"]["error"] < rows["lora + LoftQ 1"]["error"] < plain["error"]
+    assert rows["pissa + LoftQ 5"]["error"] < rows["pissa (QPiSSA)"]["error"] < plain["error"]
+    assert "vs plain" in capsys.readouterr().out

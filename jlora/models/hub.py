@@ -278,7 +278,7 @@ QUANTIZE = ("gguf", *quant.FORMATS)
 def _quantizing(place: Any, fmt: str | None, dtype: Any) -> Any:
     """`place` (or, without a mesh, `jnp.asarray`) followed by quantizing each 2-D kernel that
     `QUANTIZE_PATTERN` matches as `fmt`, one tensor at a time; a kernel the file already holds
-    as blocks (a `QuantizedKernel` from `GGUFCheckpoint.read(..., keep_blocks=True)`) is placed
+    as blocks (a `QuantizedKernel`: `GGUFCheckpoint.read(..., keep_blocks=True).T`) is placed
     as it is. None when there is nothing to do."""
     if fmt is None:
         return place

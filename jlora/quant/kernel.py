@@ -200,17 +200,28 @@ def dequantize_params(params: Any) -> Any:
 
 
 def dense(module: nn.Dense | nn.DenseGeneral, x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
-    """What `module(x)` computes with `kernel` dequantized (a last-axis matmul module)."""
+    """What `module(x)` computes with `kernel` dequantized (a last-axis matmul module).
+
+    The dequantize-and-multiply is rematerialised (`jax.checkpoint`), as bitsandbytes'
+    `MatMul4Bit` does: the backward pass dequantizes the kernel again for the input gradient
+    rather than keeping the forward's copy of every layer's kernel until then. (XLA:CPU's buffer
+    assignment holds all dequantized kernels at once with or without it; BENCHMARKS.md j.)
+    """
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    w = kernel.dequantize()
-    x, w, bias = module.promote_dtype(x, w, bias, dtype=module.dtype)
     dot_general = lax.dot_general
     if getattr(module, "dot_general_cls", None) is not None:
         dot_general = module.dot_general_cls()
     elif getattr(module, "dot_general", None) is not None:
         dot_general = module.dot_general
-    y = dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+
+    @jax.checkpoint
+    def matmul(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
+        x, w = module.promote_dtype(x, kernel.dequantize(), dtype=module.dtype)
+        return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+
+    y = matmul(x, kernel)
     if bias is not None:
+        (bias,) = module.promote_dtype(bias, dtype=module.dtype)
         y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
 
