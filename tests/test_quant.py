@@ -338,6 +338,24 @@ def _gsm8k_config(**model):
     )
 
 
+def run_and_resume(cfg, tmp_path) -> None:
+    """Runs `cfg` into tmp_path/a, and into tmp_path/b stopped at step 2 and resumed: the same
+    losses at every step."""
+    from jlora.train import loop
+
+    loop.run(cfg, tmp_path / "a", progress=False)
+    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
+    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
+    losses = [
+        [
+            json.loads(x).get("loss")
+            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in "ab"
+    ]
+    assert losses[0] == losses[1] and None not in losses[0][:4]
+
+
 def test_config_refuses_an_unknown_format_and_full_fine_tuning():
     from jlora.errors import ConfigError
 
@@ -355,21 +373,10 @@ def test_a_run_on_an_nf4_base_resumes_and_exports_what_it_trained(tmp_path):
     and the merged export is the dequantized base plus the trained ΔW."""
     import jlora
     import jlora.models as jm
-    from jlora.train import loop
     from jlora.train.export import export_run, restore_run
 
     cfg = _gsm8k_config(quantize="nf4")
-    loop.run(cfg, tmp_path / "a", progress=False)
-    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
-    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
-    losses = [
-        [
-            json.loads(x).get("loss")
-            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
-        ]
-        for r in "ab"
-    ]
-    assert losses[0] == losses[1] and None not in losses[0][:4]
+    run_and_resume(cfg, tmp_path)
 
     setup, trainable, _ = restore_run(tmp_path / "a")
     kernels = jax.tree.leaves(setup.frozen["base"], is_leaf=is_quantized)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_quant import run_and_resume
 
 import jlora
 import jlora.models as jm
@@ -261,21 +262,10 @@ def test_a_run_quantized_at_load_resumes_and_exports(tmp_path, method):
     """LoRA (and GoRA, whose pre-pass then runs on the quantized base) with the stories260K
     Llama quantized as it is read: the base stays NF4, a stopped and resumed run has the
     uninterrupted losses, and the PEFT export is an adapter for the original base."""
-    from jlora.train import loop
     from jlora.train.export import export_run, restore_run
 
     cfg = _run_config(method, "nf4")
-    loop.run(cfg, tmp_path / "a", progress=False)
-    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
-    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
-    losses = [
-        [
-            json.loads(x).get("loss")
-            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
-        ]
-        for r in "ab"
-    ]
-    assert losses[0] == losses[1] and None not in losses[0][:4]
+    run_and_resume(cfg, tmp_path)
     setup, _, _ = restore_run(tmp_path / "a")
     assert len(_quantized(setup.frozen["base"])) == 35
     folder = export_run(tmp_path / "a", "peft", tmp_path / "peft")
@@ -425,23 +415,12 @@ def test_a_run_on_gguf_blocks_resumes_and_exports(tmp_path, method):
     blocks are kept (PiSSA's residual requantized in each kernel's own format), a stopped and
     resumed run has the uninterrupted losses, and the merged export is the dequantized base
     plus the trained ΔW."""
-    from jlora.train import loop
     from jlora.train.export import export_run, restore_run
 
     _tiny_gguf(tmp_path / "t.gguf", TYPES)
     byte_level = {"max_length": 512, "buckets": [512]}  # one token a byte
     cfg = _run_config(method, "gguf", source=str(tmp_path / "t.gguf"), data=byte_level)
-    loop.run(cfg, tmp_path / "a", progress=False)
-    loop.run(cfg, tmp_path / "b", progress=False, stop_after=2)
-    loop.run(cfg, tmp_path / "b", progress=False, resume=True)
-    losses = [
-        [
-            json.loads(x).get("loss")
-            for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
-        ]
-        for r in "ab"
-    ]
-    assert losses[0] == losses[1] and None not in losses[0][:4]
+    run_and_resume(cfg, tmp_path)
     setup, trainable, _ = restore_run(tmp_path / "a")
     kept = _quantized(setup.frozen["base"])
     assert {p.split("/")[-2]: x.fmt for p, x in kept.items()} == TYPES

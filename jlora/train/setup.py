@@ -188,6 +188,13 @@ class Setup:
             mesh=mesh,  # each tensor straight into its layout: never whole on one device
             quantize=fmt if at_load else None,
         )
+        if fmt != "none" and cfg.method in ("nlora", "inttune") and rewrites_kernels(cfg):
+            log.warning(
+                "model.quantize=%s with the Nyström residual (nlora_core='pinv'): its ΔK is "
+                "several times K, and so is the quantization error of the residual (5-6x plain "
+                "quantization's on MiniLM and SmolLM2; BENCHMARKS.md j)",
+                fmt,
+            )
         if fmt == "gguf" and not _has_quantized(params):
             raise ConfigError(
                 f"model.quantize='gguf' keeps a .gguf file's Q4_0/Q4_1/Q8_0 blocks; "
