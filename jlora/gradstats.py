@@ -131,7 +131,11 @@ def _accumulate(
 def _layout(kernel: Any) -> Any:
     """A kernel's sharding when it spans several devices (else None: an uncommitted array, so
     the jitted step's cache key is the one a single-device caller compiled)."""
-    s = getattr(kernel, "sharding", None)
+    s = (
+        quant.kernel_sharding(kernel)
+        if quant.is_quantized(kernel)
+        else getattr(kernel, "sharding", None)
+    )
     return s if s is not None and len(s.device_set) > 1 else None
 
 

@@ -235,6 +235,10 @@ def test_quantized_storage_shards_with_its_kernel(stories):
     place = Placement(sharding.make_mesh(sharding.MeshShape(), jax.devices()[:1]), rules)
     q = place.base(quantize_params(plain, "nf4", jm.QUANTIZE_PATTERN))
     assert len(_quantized(q)) == 35
+    # where a full-precision companion of the kernel (GoRA's accumulator) goes: the kernel's spec
+    for proj, spec in [("q_proj", ("fsdp", "tensor")), ("o_proj", ("tensor", "fsdp"))]:
+        stored = _quantized(q)[L + f"self_attn/{proj}/kernel"]
+        assert quant.kernel_sharding(stored).spec == sharding.P(*spec)
 
 
 # --- train.py ---

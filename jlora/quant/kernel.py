@@ -56,6 +56,7 @@ __all__ = [
     "dequantize_params",
     "dequantizing",
     "is_quantized",
+    "kernel_sharding",
     "quantize_kernel",
     "quantize_like",
     "quantize_params",
@@ -168,6 +169,26 @@ def data_roles(q: QuantizedKernel) -> dict[str, tuple[str | None, ...]]:
         else:  # flat NF4 storage and double quantization's second-level scales: replicated
             out[name] = (None,) * jnp.ndim(x)
     return out
+
+
+def kernel_sharding(q: QuantizedKernel) -> Any:
+    """The `NamedSharding` a (d_in, d_out) kernel would have to sit where `q`'s storage sits
+    (read off its largest array that spans both kernel axes), or None when the storage is not
+    laid out on a mesh. What a full-precision companion of the kernel (a gradient accumulator)
+    should use."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    roles = data_roles(q)
+    candidates = [n for n, r in roles.items() if "in" in r and "out" in r]
+    if not candidates:
+        return None
+    name = max(candidates, key=lambda n: getattr(q.data, n).size)
+    s = getattr(getattr(q.data, name), "sharding", None)
+    if not isinstance(s, NamedSharding):
+        return None
+    spec = tuple(s.spec) + (None,) * (len(roles[name]) - len(s.spec))
+    axes = dict(zip(roles[name], spec, strict=True))
+    return NamedSharding(s.mesh, PartitionSpec(axes["in"], axes["out"]))
 
 
 def quantize_params(

@@ -107,6 +107,13 @@ def quantized_rows(source: str, fmt: str, model, plain) -> None:
             equal.append(bool(np.array_equal(value, np.asarray(ref, np.float32))))
             kspec = sharding.spec_of(p, q.shape, jm.sharding_rules(model), mesh)
             specs = sharding.quantized_specs(q, kspec, mesh)
+            # A full-precision companion (GoRA's gradient accumulator) sits with the storage:
+            # each of its axes the kernel's, or None where the storage could not split it.
+            ks = quant.kernel_sharding(q)
+            want = (*tuple(kspec), None, None)[:2]
+            layouts.append(
+                ks is not None and all(a in (b, None) for a, b in zip(ks.spec, want, strict=True))
+            )
             for x, s in zip(
                 jax.tree.leaves(q),
                 jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, sharding.P)),
