@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -173,6 +173,26 @@ def _spec(config: AdapterConfig, t: targets.Target) -> AdapterSpec:
     )
 
 
+class _Dequantized(Mapping):
+    """The target kernels a method's `plan` reads (GoRA's importance |K ⊙ G|), each quantized
+    one dequantized when it is read: one at a time, never all in full precision at once."""
+
+    def __init__(self, flat: Mapping[str, Any], paths: list[str]) -> None:
+        self._flat, self._paths = flat, paths
+
+    def __getitem__(self, path: str) -> Any:
+        k = self._flat[path] if path in self._paths else None
+        if k is None:
+            raise KeyError(path)
+        return k.dequantize() if quant.is_quantized(k) else k
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
 def _planned(
     config: AdapterConfig,
     tgts: list[targets.Target],
@@ -182,10 +202,9 @@ def _planned(
 ) -> tuple[dict[str, jax.Array], dict[str, AdapterSpec]]:
     """Each target's PRNG key and final spec (the method's whole-model `plan`)."""
     keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
-    abstract = lambda k: jax.ShapeDtypeStruct(k.shape, k.dtype) if quant.is_quantized(k) else k  # noqa: E731
     specs = METHODS[config.method].plan(
         {t.path: _spec(config, t) for t in tgts},
-        {t.path: abstract(flat[t.path]) for t in tgts},
+        _Dequantized(flat, [t.path for t in tgts]),
         gflat,
         keys,
     )
