@@ -259,13 +259,23 @@ def test_a_quantized_base_runs_as_its_dequantized_copy(quantized_model, fmt):
         assert k.nbytes == want, (k.shape, k.nbytes, want)
 
 
+_SLOW_CASES = [(m, "nf4") for m in ("slora", "vera", "nola", "pissa", "inttune")] + [
+    ("lora", "int8"),
+    ("dora", "int8"),
+    ("lora", "q4_1"),
+    ("pissa", "q8_0"),
+]
+
+
 @pytest.mark.parametrize(
-    "method",
-    ["lora", "dora"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("slora", "vera", "nola")],
+    ("method", "fmt"),
+    [("lora", "nf4"), ("dora", "nf4")]
+    + [pytest.param(*case, marks=pytest.mark.slow) for case in _SLOW_CASES],
 )
-def test_every_method_trains_on_a_quantized_base(quantized_model, method):
-    """jlora.inject on an NF4 base: the outputs and the adapters' gradients of the dequantized
-    base, the base quantized throughout (it is an argument of the jitted step)."""
+def test_every_method_trains_on_a_quantized_base(quantized_model, method, fmt):
+    """jlora.inject on a quantized base: the outputs and the adapters' gradients of the
+    dequantized base, the base quantized throughout (it is an argument of the jitted step).
+    (GoRA and LoRA-GA, which need a pre-pass, train through train.py in test_quant_base.py.)"""
     import jlora
     import jlora.models as jm
 
@@ -277,7 +287,7 @@ def test_every_method_trains_on_a_quantized_base(quantized_model, method):
     base, adapters = jlora.init(cfg, params, 0)
     adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B ≠ 0: every leaf has a gradient
     trainable, frozen = jlora.split(adapters)
-    q = quantize_params(base, "nf4")
+    q = quantize_params(base, fmt)
 
     def loss(tr, b):
         with jlora.inject(jlora.combine(tr, frozen)):

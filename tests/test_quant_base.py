@@ -255,17 +255,21 @@ def _run_config(method: str, quantize: str, source: str = str(STORIES), data=Non
     d["adapter"] = {"method": method, "rank": 4, "targets": "all-linear"}
     if method == "gora":
         d["adapter"]["gora_rank_range"] = [2, 8]
+    if method in ("gora", "loraga"):
         d["train"]["prepass_batches"] = 2
     d["train"].update(train)
     d["data"].update(data or {})
     return config.from_dict(d)
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("gora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method", ["lora", *(pytest.param(m, marks=pytest.mark.slow) for m in ("gora", "loraga"))]
+)
 def test_a_run_quantized_at_load_resumes_and_exports(tmp_path, method):
     """LoRA (and GoRA, whose pre-pass then runs on the quantized base) with the stories260K
-    Llama quantized as it is read: the base stays NF4, a stopped and resumed run has the
-    uninterrupted losses, and the PEFT export is an adapter for the original base."""
+    Llama quantized as it is read, LoRA-GA (residual: quantized after its init): the base stays
+    NF4, a stopped and resumed run has the uninterrupted losses, and the PEFT export is an
+    adapter for the original base."""
     from jlora.train.export import export_run, restore_run
 
     cfg = _run_config(method, "nf4")
