@@ -108,11 +108,16 @@ def quantized_rows(source: str, fmt: str, model, plain) -> None:
             kspec = sharding.spec_of(p, q.shape, jm.sharding_rules(model), mesh)
             specs = sharding.quantized_specs(q, kspec, mesh)
             # A full-precision companion (GoRA's gradient accumulator) sits with the storage:
-            # each of its axes the kernel's, or None where the storage could not split it.
+            # each of its axes the kernel's, or None where the storage could not split it;
+            # no sharding at all where the storage is flat (NF4 rows that are not whole blocks).
             ks = quant.kernel_sharding(q)
             want = (*tuple(kspec), None, None)[:2]
+            spans = any(set(r) >= {"in", "out"} for r in quant.data_roles(q).values())
             layouts.append(
-                ks is not None and all(a in (b, None) for a, b in zip(ks.spec, want, strict=True))
+                ks is None
+                if not spans
+                else ks is not None
+                and all(a in (b, None) for a, b in zip(ks.spec, want, strict=True))
             )
             for x, s in zip(
                 jax.tree.leaves(q),
