@@ -177,13 +177,13 @@ class _Dequantized(Mapping):
     """The target kernels a method's `plan` reads (GoRA's importance |K ⊙ G|), each quantized
     one dequantized when it is read: one at a time, never all in full precision at once."""
 
-    def __init__(self, flat: Mapping[str, Any], paths: list[str]) -> None:
+    def __init__(self, flat: Mapping[str, Any], paths: dict[str, None]) -> None:
         self._flat, self._paths = flat, paths
 
     def __getitem__(self, path: str) -> Any:
-        k = self._flat[path] if path in self._paths else None
-        if k is None:
+        if path not in self._paths:
             raise KeyError(path)
+        k = self._flat[path]
         return k.dequantize() if quant.is_quantized(k) else k
 
     def __iter__(self) -> Iterator[str]:
@@ -204,7 +204,7 @@ def _planned(
     keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
     specs = METHODS[config.method].plan(
         {t.path: _spec(config, t) for t in tgts},
-        _Dequantized(flat, [t.path for t in tgts]),
+        _Dequantized(flat, {t.path: None for t in tgts}),
         gflat,
         keys,
     )
