@@ -12,13 +12,16 @@ Example:
   112
 """
 
+from jlora import linen, nnx
 from jlora.adapters import Adapters, abstract_init, combine, delta, init, merge, split, unmerge
 from jlora.config import METHODS, AdapterConfig, Rule
 from jlora.counting import summary, trainable_count
 from jlora.gradstats import gradient_stats
-from jlora.inject import inject
+from jlora.layout import KernelLayout
+from jlora.linen import inject
 from jlora.methods import Adapter, AdapterSpec
 from jlora.optim import optimizer
+from jlora.targets import stacked_layouts
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterSpec",
     "Adapters",
+    "KernelLayout",
     "Rule",
     "abstract_init",
     "combine",
@@ -35,9 +39,12 @@ __all__ = [
     "gradient_stats",
     "init",
     "inject",
+    "linen",
     "merge",
+    "nnx",
     "optimizer",
     "split",
+    "stacked_layouts",
     "summary",
     "trainable_count",
     "unmerge",

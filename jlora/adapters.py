@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 
 from jlora import quant, targets
 from jlora.config import AdapterConfig
+from jlora.layout import KernelLayout
 from jlora.methods import METHODS, Adapter, AdapterSpec
 
 log = logging.getLogger("jlora")
@@ -50,8 +51,11 @@ def _as_key(key: jax.Array | int | None, seed: int) -> jax.Array:
 
 
 def delta_of(adapter: Adapter) -> jax.Array:
-    """ΔK of one adapter in fp32, as its method defines it (traceable)."""
-    return METHODS[adapter.spec.method].delta(adapter.params, adapter.spec)
+    """ΔK of one adapter in fp32, shaped like its kernel, as its method defines it (traceable)."""
+    spec = adapter.spec
+    return spec.matrix_layout.kernel(
+        METHODS[spec.method].delta(adapter.params, spec), spec.kernel_shape
+    )
 
 
 # Per-target static seeds (NOLA) would make every target a new compilation of the jitted helpers
@@ -78,13 +82,15 @@ def _init_jit(
     spec: AdapterSpec,
     layouts: tuple | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array | None]:
-    K32 = K.astype(jnp.float32)
+    view = spec.matrix_layout  # the method sees `(*stack, d_in, d_out)` matrices
+    K32 = view.matrix(K.astype(jnp.float32))
+    grad = None if grad is None else view.matrix(grad)
     traced_spec = with_seed(spec, seed)
     method = METHODS[spec.method]
     params = method.init(K32, key, traced_spec, grad)
     new_kernel = None
     if method.residual(spec.options):
-        new_kernel = method.unmerge(K32, params, traced_spec).astype(K.dtype)
+        new_kernel = view.kernel(method.unmerge(K32, params, traced_spec), K.shape).astype(K.dtype)
     if layouts is not None:  # the outputs in their final layouts, never whole on one device
         leaves, kernel = dict(layouts[0]), layouts[1]
         params = {n: jax.lax.with_sharding_constraint(x, leaves[n]) for n, x in params.items()}
@@ -170,21 +176,25 @@ def _spec(config: AdapterConfig, t: targets.Target) -> AdapterSpec:
         kernel_dtype=t.dtype.name,
         options=config.options,
         dropout=float(config.dropout),
+        layout=None if t.layout.is_plain else t.layout,
     )
 
 
-class _Dequantized(Mapping):
-    """The target kernels a method's `plan` reads (GoRA's importance |K ⊙ G|), each quantized
-    one dequantized when it is read: one at a time, never all in full precision at once."""
+class _Matrices(Mapping):
+    """The target kernels a method's `plan` reads (GoRA's importance |K ⊙ G|) as the matrices
+    of their layouts, each quantized one dequantized when it is read: one at a time, never all
+    in full precision at once."""
 
-    def __init__(self, flat: Mapping[str, Any], paths: dict[str, None]) -> None:
-        self._flat, self._paths = flat, paths
+    def __init__(self, flat: Mapping[str, Any], views: dict[str, KernelLayout]) -> None:
+        self._flat, self._paths = flat, views
 
     def __getitem__(self, path: str) -> Any:
         if path not in self._paths:
             raise KeyError(path)
         k = self._flat[path]
-        return k.dequantize() if quant.is_quantized(k) else k
+        if quant.is_quantized(k):
+            k = k.dequantize()
+        return k if isinstance(k, jax.ShapeDtypeStruct) else self._paths[path].matrix(k)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._paths)
@@ -202,10 +212,11 @@ def _planned(
 ) -> tuple[dict[str, jax.Array], dict[str, AdapterSpec]]:
     """Each target's PRNG key and final spec (the method's whole-model `plan`)."""
     keys = {t.path: jax.random.fold_in(key, targets.stable_hash(t.path)) for t in tgts}
+    views = {t.path: t.layout for t in tgts}
     specs = METHODS[config.method].plan(
         {t.path: _spec(config, t) for t in tgts},
-        _Dequantized(flat, {t.path: None for t in tgts}),
-        gflat,
+        _Matrices(flat, views),
+        None if gflat is None else {p: views[p].matrix(g) for p, g in gflat.items()},
         keys,
     )
     return keys, specs
@@ -217,6 +228,7 @@ def init(
     key: jax.Array | int | None = None,
     *,
     grads: Any = None,
+    layouts: Mapping[str, KernelLayout] | None = None,
 ) -> tuple[Any, Adapters]:
     """Selects the targets of `config` in `params` and initialises their adapters.
 
@@ -226,6 +238,10 @@ def init(
       key: a PRNG key (typed or raw) or an int seed; None uses `config.seed`.
       grads: methods with `needs_grads` (`gora`, `loraga`) only: the pre-pass gradients from
         `jlora.gradient_stats`, as `{path: G}` or a pytree shaped like `params`.
+      layouts: `{kernel path: jlora.KernelLayout}` for kernels that are not plain 2-D
+        matrices: stacked layers, multi-axis `DenseGeneral` / `Einsum` kernels (from the
+        modules: `jlora.linen.layouts(model, x)`, `jlora.nnx.layouts(model)`). A targeted
+        kernel with more than two axes and no layout is a ValueError.
 
     Returns:
       `(base_params, adapters)`: the frozen parameters (a new pytree where `pissa` and the
@@ -241,7 +257,7 @@ def init(
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a jlora.AdapterConfig, got {type(config).__name__}")
-    tgts = targets.select(params, config.targets, config.rank, config.alpha)
+    tgts = targets.select(params, config.targets, config.rank, config.alpha, layouts)
     key = _as_key(key, config.seed)
     flat = targets.flatten(params)
     method = METHODS[config.method]
@@ -290,7 +306,11 @@ def init(
 
 
 def abstract_init(
-    config: AdapterConfig, params: Any, key: jax.Array | int | None = None
+    config: AdapterConfig,
+    params: Any,
+    key: jax.Array | int | None = None,
+    *,
+    layouts: Mapping[str, KernelLayout] | None = None,
 ) -> Adapters:
     """The adapters `init(config, params, key)` would make, with `jax.ShapeDtypeStruct` leaves.
 
@@ -310,7 +330,7 @@ def abstract_init(
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a jlora.AdapterConfig, got {type(config).__name__}")
-    tgts = targets.select(params, config.targets, config.rank, config.alpha)
+    tgts = targets.select(params, config.targets, config.rank, config.alpha, layouts)
     key = _as_key(key, config.seed)
     flat = targets.flatten(params)
     method = METHODS[config.method]
@@ -342,16 +362,23 @@ def delta(adapters: Adapters) -> dict[str, jax.Array]:
 _delta_jit = _seeded(delta_of)
 
 
-@_seeded
-def _merge_one(K: jax.Array, adapter: Adapter) -> jax.Array:
-    merged = METHODS[adapter.spec.method].merge(K.astype(jnp.float32), adapter.params, adapter.spec)
-    return merged.astype(K.dtype)
+def _on_matrix(fn_name: str) -> Any:
+    """`K -> method.<fn_name>(K)` on the kernel's matrix view, back in the kernel's shape and
+    dtype (fp32 arithmetic)."""
+
+    @_seeded
+    def one(K: jax.Array, adapter: Adapter) -> jax.Array:
+        spec = adapter.spec
+        view = spec.matrix_layout
+        fn = getattr(METHODS[spec.method], fn_name)
+        out = fn(view.matrix(K.astype(jnp.float32)), adapter.params, spec)
+        return view.kernel(out, K.shape).astype(K.dtype)
+
+    return one
 
 
-@_seeded
-def _unmerge_one(K: jax.Array, adapter: Adapter) -> jax.Array:
-    method = METHODS[adapter.spec.method]
-    return method.unmerge(K.astype(jnp.float32), adapter.params, adapter.spec).astype(K.dtype)
+_merge_one = _on_matrix("merge")
+_unmerge_one = _on_matrix("unmerge")
 
 
 def _kernels(params: Any, adapters: Adapters, fn_name: str) -> dict[str, jax.Array]:

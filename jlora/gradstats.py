@@ -6,15 +6,16 @@ and no optimizer step is taken. Peak memory: the parameters, one fp32 copy of th
 one gradient and the activations of one micro-batch.
 
 The gradient of a kernel that a Flax `nn.Dense` multiplies (the usual case) is computed by a
-tap on that Dense's output, one 2-D `xᵀ @ g` matmul over flattened tokens, instead of autodiff
-through the Dense (which XLA-CPU runs with a transposed copy of every output gradient). A target
-kernel used any other way, or stacked by `nn.scan`, gets plain autodiff. A kernel that a Dense
+tap on that Dense's output (`jlora.linen.tap`, registered in `TAPS`), one 2-D `xᵀ @ g` matmul
+over flattened tokens, instead of autodiff through the Dense (which XLA-CPU runs with a
+transposed copy of every output gradient). A target kernel used any other way (an NNX model, a
+hand-written matmul), or stacked by `nn.scan`, gets plain autodiff. A kernel that a Dense
 multiplies *and* some other code reads would get only the Dense's part of its gradient: pass
 such parameters as a separate, non-target leaf.
 
 On a base kept quantized (`jlora.quant`), each target's gradient is taken at its dequantized
 kernel (in its original dtype, a temporary of the jitted step) and the other quantized kernels
-run dequantized inside their layers (`jlora.quant.dequantizing`).
+run dequantized inside their layers (the Linen tap enters `jlora.quant.dequantizing`).
 
 Example:
   >>> import jax, jax.numpy as jnp, jlora
@@ -28,76 +29,34 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jlora import quant, targets
 from jlora.config import AdapterConfig
-from jlora.inject import last_axis_matmul
 
 log = logging.getLogger("jlora")
 
 
-@jax.custom_vjp
-def _tap(y: jax.Array, x: jax.Array, probe: jax.Array) -> jax.Array:
-    """Identity on `y = x @ K (+ b)`; the cotangent of `probe` (shaped like K) is `K`'s gradient."""
-    return y
+# Framework wings (`jlora.linen`) register a tap: `tap(probes, tapped)` is a context manager under
+# which the loss runs, routing the kernel gradient of each layer it recognises through a probe
+# (`probes[path]`, shaped like the kernel; its cotangent is the gradient) and adding the path to
+# `tapped`. Kernels no tap saw get plain autodiff.
+Tap = Callable[[dict[str, jax.Array], set[str]], contextlib.AbstractContextManager]
+TAPS: list[Tap] = []
 
 
-def _tap_fwd(y, x, probe):
-    return y, (x, probe)
-
-
-def _tap_bwd(res, g):
-    x, probe = res
-    # `xᵀ @ g` over flattened tokens as one 2-D matmul accumulated in fp32. Autodiff through the
-    # Dense contracts the 3-D tensors over (batch, seq) instead, and XLA-CPU then materialises a
-    # transposed copy of every layer's output gradient for it (see jlora.lowrank).
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = g.reshape(-1, g.shape[-1])
-    dk = jnp.matmul(x2.T, g2, preferred_element_type=jnp.float32).astype(probe.dtype)
-    return g, jnp.zeros_like(x), dk
-
-
-_tap.defvjp(_tap_fwd, _tap_bwd)
-
-
-def _tapping(probes: dict[str, jax.Array], tapped: set[str]) -> Any:
-    """An interceptor routing the kernel gradient of each targeted plain Dense through `_tap`."""
-    by_module = targets.module_index(probes)
-
-    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-        module = context.module
-        y = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or not _plain_dense(module):
-            return y
-        path = by_module.get("/".join(module.path))
-        if path is None:
-            return y
-        x = args[0] if args else kwargs["inputs"]
-        if probes[path].shape != (x.shape[-1], y.shape[-1]):
-            return y  # a stacked kernel (nn.scan layers): this call sees one slice of it
-        tapped.add(path)
-        return _tap(y, x, probes[path])
-
-    return interceptor
-
-
-def _plain_dense(module: nn.Module) -> bool:
-    """`nn.Dense`, or an `nn.DenseGeneral` that is a matmul over the last axis, with the default
-    dot product (a custom `dot_general`, e.g. a quantized one, keeps autodiff)."""
-    if type(module) not in (nn.Dense, nn.DenseGeneral):
-        return False
-    if module.dot_general is not None or module.dot_general_cls is not None:
-        return False
-    return last_axis_matmul(module)
+def register_tap(tap: Tap) -> Tap:
+    """Adds a framework's gradient tap (see `TAPS`)."""
+    TAPS.append(tap)
+    return tap
 
 
 @functools.partial(jax.jit, static_argnames="loss_fn", donate_argnums=0)
@@ -119,7 +78,9 @@ def _accumulate(
     # target kernel (a hand-written matmul, a non-Flax model) gets it from plain autodiff. XLA
     # drops the autodiff kernel gradients that are not returned.
     def loss(k: dict[str, jax.Array], probes: dict[str, jax.Array]) -> jax.Array:
-        with quant.dequantizing(), nn.intercept_methods(_tapping(probes, tapped)):
+        with contextlib.ExitStack() as stack:
+            for tap in TAPS:
+                stack.enter_context(tap(probes, tapped))
             return loss_fn(targets.replace(params, k), batch)
 
     dk, dprobe = jax.grad(loss, argnums=(0, 1))(kernels, acc)
@@ -160,7 +121,7 @@ def gradient_stats(
     Returns:
       What `jlora.init(config, params, key, grads=...)` takes.
     """
-    tgts = targets.select(params, config.targets, config.rank, config.alpha)
+    tgts = targets.select(params, config.targets, config.rank, config.alpha, need_layouts=False)
     flat = targets.flatten(params)
     # Each accumulator takes its kernel's layout (on a mesh: FSDP/tensor-sharded, never whole
     # on one device); the donated step keeps it.

@@ -27,7 +27,12 @@ import jax.numpy as jnp
 def lowrank(
     x: jax.Array, A: jax.Array, M: jax.Array | None, B: jax.Array, scale: float
 ) -> jax.Array:
-    """`scale · ((x @ A) @ M) @ B` over the last axis of `x` (M optional), differentiable."""
+    """`scale · ((x @ A) @ M) @ B` over the last axis of `x` (M optional), differentiable.
+
+    `scale` is a Python float, or a traced scalar (one layer's scale inside a scan: GoRA's
+    ranks differ per layer), which is folded into `B` so autodiff carries it."""
+    if isinstance(scale, jax.Array):
+        return _lowrank(x, A, M, B * scale.astype(B.dtype), 1.0)
     return _lowrank(x, A, M, B, float(scale))
 
 

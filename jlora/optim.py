@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,8 +94,20 @@ def optimizer(
     if weight_decay and learning_rate is None:
         raise ValueError("optimizer(weight_decay=...) needs learning_rate= (the lr of tx)")
     lab = labels(adapters, decay if weight_decay else (lambda p, n: False))
+    return partitioned(lab, set(jax.tree.leaves(lab)), tx, weight_decay, learning_rate)
+
+
+def partitioned(
+    lab: Any,
+    groups: set[str],
+    tx: optax.GradientTransformation,
+    weight_decay: float,
+    learning_rate: optax.ScalarOrSchedule | None,
+) -> optax.GradientTransformation:
+    """`optax.partition` over the groups that `labels` names (`lab`: a label tree, or a function
+    of the parameters giving one): `tx` per group, scaled by its ratio, decayed if "+wd"."""
     transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
-    for group in set(jax.tree.leaves(lab)) - {FROZEN}:
+    for group in groups - {FROZEN}:
         ratio = float(group.removeprefix("lr×").removesuffix("+wd"))
         parts = [tx]
         if group.endswith("+wd"):

@@ -50,6 +50,7 @@ from jlora import targets
 from jlora.adapters import Adapters, split_seed, with_seed
 from jlora.config import AdapterConfig, Rule
 from jlora.errors import CheckpointError
+from jlora.layout import KernelLayout
 from jlora.methods import METHODS, Adapter, AdapterSpec
 
 __all__ = [
@@ -144,10 +145,12 @@ def spec_to_json(spec: AdapterSpec) -> dict[str, Any]:
     out = {
         f.name: _jsonable(getattr(spec, f.name))
         for f in dataclasses.fields(spec)
-        if f.name not in ("options", "info")
+        if f.name not in ("options", "info", "layout")
     }
     out["options"] = {k: _jsonable(v) for k, v in spec.options.to_flat().items()}
     out["info"] = {k: _jsonable(v) for k, v in spec.info}
+    if spec.layout is not None:  # absent: the default layout (and specs written before layouts)
+        out["layout"] = spec.layout.to_json()
     return out
 
 
@@ -186,6 +189,11 @@ def spec_from_json(
         kw["options"] = cls.from_flat(kw["options"])
         kw["info"] = tuple(sorted(kw.get("info", {}).items()))
         kw["info"] = tuple((k, _tuples(v)) for k, v in kw["info"])
+        if kw.get("layout") is not None:
+            try:
+                kw["layout"] = KernelLayout(**kw["layout"])
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{what}: layout {data['layout']!r}: {e}") from None
         return AdapterSpec(**kw)
     _fields_of(AdapterSpec, data, what, extra=_V1_FIELDS)
     options = config.options if config is not None and config.method == method else cls()

@@ -253,7 +253,10 @@ def adapter_specs(
         ndim = len(spec.kernel_shape)
         kernel = tuple(kernel_specs.get(path, P()))
         kernel = (None,) * (ndim - len(kernel)) + kernel[-ndim:] if ndim else ()
-        stack, k_in, k_out = kernel[:-2], kernel[-2], kernel[-1]
+        # A flattened input (output) axis follows the kernel's first input (output) axis.
+        view = spec.matrix_layout
+        stack = tuple(kernel[a] for a in view.stack)
+        k_in, k_out = kernel[view.inputs[0]], kernel[view.outputs[0]]
         leaves = METHODS[spec.method].leaves(spec)
         specs = {}
         for name, x in adapter.params.items():

@@ -2,8 +2,10 @@
 
 A target is named by the '/'-joined path of its kernel in the parameter pytree, e.g.
 `encoder/layer_0/attention/query/kernel`. Candidates are floating-point leaves named `kernel`
-with at least two axes; the last two axes are `(d_in, d_out)` and any leading axes are stacked
-layers (as `nn.scan` produces).
+with at least two axes. A 2-D kernel is the `(d_in, d_out)` matrix an adapter adapts; for a kernel
+with more axes the parameters alone cannot say which are stacked layers (`nn.scan`) and which
+the inputs and outputs of a multi-axis projection (`DenseGeneral`, `Einsum`): its
+`jlora.layout.KernelLayout` comes from the module (`jlora.linen.layouts`, `jlora.nnx.layouts`).
 
 Example:
   >>> import jax.numpy as jnp
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import Rule
+from jlora.layout import KernelLayout
 from jlora.quant.kernel import is_quantized
 
 
@@ -39,7 +42,11 @@ def _key_name(k: Any) -> str:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """'/'-joins a `jax.tree_util` key path."""
+    """'/'-joins a `jax.tree_util` key path. A value boxed in a variable (an `nnx.Param` of an
+    NNX state, a Linen `nn.Partitioned`: the box's attribute `.value`) is named by the box's
+    path, so `encoder/q/kernel` names an NNX kernel as it names a Linen one."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return "/".join(_key_name(k) for k in path)
 
 
@@ -94,6 +101,23 @@ def is_kernel(path: str, leaf: Any) -> bool:
     )
 
 
+def stacked_layouts(params: Any) -> dict[str, KernelLayout]:
+    """`{path: KernelLayout.default(ndim)}` for every kernel with more than two axes: each is
+    stacked `(d_in, d_out)` matrices (scanned plain dense layers). For models you know to be
+    built that way; a model's own layouts come from `jlora.linen.layouts` / `jlora.nnx.layouts`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> stacked_layouts({"layers": {"kernel": jnp.ones((3, 4, 5))}})
+      {'layers/kernel': KernelLayout(stack=(0,), inputs=(1,), outputs=(2,))}
+    """
+    return {
+        p: KernelLayout.default(len(v.shape))
+        for p, v in flatten(params).items()
+        if is_kernel(p, v) and len(v.shape) > 2
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A selected kernel with the rank and alpha of the rule that selected it."""
@@ -103,14 +127,53 @@ class Target:
     dtype: np.dtype
     rank: int
     alpha: float
+    # Which kernel axes are stacked, inputs and outputs (the default for a 2-D kernel).
+    layout: KernelLayout = dataclasses.field(default_factory=KernelLayout)
 
 
-def select(params: Any, rules: Sequence[Rule], rank: int, alpha: float) -> list[Target]:
-    """Targets of `rules` (first match wins) among the kernels of `params`, in tree order.
+def layout_of(
+    path: str, shape: Sequence[int], layouts: Mapping[str, KernelLayout] | None
+) -> KernelLayout:
+    """The layout of the kernel at `path`: `layouts[path]`, else the default of a 2-D kernel.
 
     Raises:
-      ValueError: a rule matches no kernel (the message lists the closest kernel paths), or a
-        rank exceeds min(d_in, d_out) of a kernel it selects.
+      ValueError: a kernel with more than two axes and no layout, or a layout that does not fit.
+    """
+    lay = (layouts or {}).get(path)
+    if lay is None and len(shape) == 2:
+        return KernelLayout()
+    if lay is None:
+        raise ValueError(
+            f"kernel {path!r} has shape {tuple(shape)}: from the parameters alone jlora cannot "
+            "tell stacked layers (nn.scan / nnx.scan) from a multi-axis projection "
+            "(DenseGeneral, Einsum). Pass layouts=jlora.linen.layouts(model, *inputs) (Linen) "
+            "or jlora.nnx.layouts(model) (NNX), or {path: jlora.KernelLayout(...)}"
+        )
+    if not isinstance(lay, KernelLayout):
+        raise TypeError(f"layouts[{path!r}] must be a jlora.KernelLayout, got {type(lay).__name__}")
+    lay.check(shape, f"layouts[{path!r}]")
+    return lay
+
+
+def select(
+    params: Any,
+    rules: Sequence[Rule],
+    rank: int,
+    alpha: float,
+    layouts: Mapping[str, KernelLayout] | None = None,
+    *,
+    need_layouts: bool = True,
+) -> list[Target]:
+    """Targets of `rules` (first match wins) among the kernels of `params`, in tree order.
+
+    `layouts` gives the layout of kernels that are not plain 2-D matrices; with
+    `need_layouts=False` (callers that only read shapes, e.g. the gradient pre-pass) a kernel
+    without one gets the default layout instead of an error.
+
+    Raises:
+      ValueError: a rule matches no kernel (the message lists the closest kernel paths), a
+        kernel with more than two axes has no layout, or a rank exceeds min(d_in, d_out) of a
+        kernel it selects.
     """
     kernels = {p: v for p, v in flatten(params).items() if is_kernel(p, v)}
     if not kernels:
@@ -125,14 +188,19 @@ def select(params: Any, rules: Sequence[Rule], rank: int, alpha: float) -> list[
             if rx.fullmatch(path):
                 used[i] = True
                 r = rule.rank if rule.rank is not None else rank
-                d_in, d_out = leaf.shape[-2:]
+                shape = tuple(leaf.shape)
+                if need_layouts or path in (layouts or {}):
+                    lay = layout_of(path, shape, layouts)
+                else:
+                    lay = KernelLayout.default(len(shape))
+                d_in, d_out = lay.matrix_shape(shape)[-2:]
                 if r > min(d_in, d_out):
                     raise ValueError(
                         f"rank {r} for target {path!r} exceeds min(d_in, d_out) = "
                         f"{min(d_in, d_out)} of its kernel {tuple(leaf.shape)}"
                     )
                 a = rule.alpha if rule.alpha is not None else alpha
-                out.append(Target(path, tuple(leaf.shape), np.dtype(leaf.dtype), r, float(a)))
+                out.append(Target(path, shape, np.dtype(leaf.dtype), r, float(a), lay))
                 break
     for rule, hit in zip(rules, used, strict=True):
         if not hit:

@@ -118,7 +118,8 @@ def init_variant(variant: str, params, key=0, **overrides):
 
     cfg = make_config(variant, **overrides)
     grads = fake_grads(params) if cfg.method == "gora" else None
-    return jlora.init(cfg, params, jax.random.key(key), grads=grads)
+    layouts = jlora.stacked_layouts(params)  # the fixtures' 3-D kernels are stacked layers
+    return jlora.init(cfg, params, jax.random.key(key), grads=grads, layouts=layouts)
 
 
 # Tiny transformers configs of the PEFT parity tests (PyTorch twin of a jlora model).

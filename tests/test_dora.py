@@ -177,7 +177,9 @@ def test_factored_and_merged_paths_agree_with_gradients(net_dora):
 
 def test_merge_formula_and_stacked_kernels(stacked_params):
     cfg = jlora.AdapterConfig(method="dora", rank=4, alpha=6, targets=r"(proj|layers/mlp)/kernel")
-    base, adapters = jlora.init(cfg, stacked_params, jax.random.key(1))
+    base, adapters = jlora.init(
+        cfg, stacked_params, jax.random.key(1), layouts=jlora.stacked_layouts(stacked_params)
+    )
     flat = targets.flatten(stacked_params)
     stacked = adapters["layers/mlp/kernel"]
     assert stacked.params["m"].shape == (3, 24) and stacked.params["A"].shape == (3, 40, 4)

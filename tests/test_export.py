@@ -63,7 +63,8 @@ def _init(variant: str, params, **overrides):
             for p, v in flat.items()
             if targets.is_kernel(p, v)
         }
-    return cfg, *jlora.init(cfg, params, jax.random.key(0), grads=grads)
+    layouts = jlora.stacked_layouts(params)
+    return cfg, *jlora.init(cfg, params, jax.random.key(0), grads=grads, layouts=layouts)
 
 
 def _batch(vocab: int):

@@ -74,7 +74,7 @@ def test_tapped_dense_and_plain_matmul_kernels_match_autodiff():
     probes = {p: jnp.zeros_like(g) for p, g in got.items()}
 
     def tapped_loss(pr):
-        with nn.intercept_methods(gradstats._tapping(pr, tapped)):
+        with jlora.linen.tap.tap(pr, tapped):
             return loss_fn(params, x)
 
     dprobe = jax.grad(tapped_loss)(probes)

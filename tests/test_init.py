@@ -95,8 +95,16 @@ def test_same_seed_bit_identical(variant, stacked_params):
     # config.seed is the default key
     cfg = make_config(variant, seed=5)
     grads = fake_grads(stacked_params) if cfg.method == "gora" else None
-    _, a3 = jlora.init(cfg, stacked_params, grads=grads)
-    _, a4 = jlora.init(cfg, stacked_params, jax.random.key(5), grads=grads)
+    _, a3 = jlora.init(
+        cfg, stacked_params, grads=grads, layouts=jlora.stacked_layouts(stacked_params)
+    )
+    _, a4 = jlora.init(
+        cfg,
+        stacked_params,
+        jax.random.key(5),
+        grads=grads,
+        layouts=jlora.stacked_layouts(stacked_params),
+    )
     for x, y in zip(jax.tree.leaves(a3), jax.tree.leaves(a4), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -193,7 +201,13 @@ def test_gora_stacked_ranks_are_padded(stacked_params):
         grads["layers/mlp/kernel"] * jnp.array([5.0, 1.0, 0.1])[:, None, None]
     )
     cfg = make_config("gora", rank=4, gora_rank_range=(1, 16), targets=".*kernel")
-    _, ad = jlora.init(cfg, stacked_params, jax.random.key(0), grads=grads)
+    _, ad = jlora.init(
+        cfg,
+        stacked_params,
+        jax.random.key(0),
+        grads=grads,
+        layouts=jlora.stacked_layouts(stacked_params),
+    )
     a = ad["layers/mlp/kernel"]
     ranks = a.spec.get("ranks")
     assert len(set(ranks)) == 3 and a.spec.rank == max(ranks)
@@ -207,9 +221,19 @@ def test_gora_stacked_ranks_are_padded(stacked_params):
 
 def test_gora_requires_grads(stacked_params):
     with pytest.raises(ValueError, match="grads"):
-        jlora.init(make_config("gora"), stacked_params, jax.random.key(0))
+        jlora.init(
+            make_config("gora"),
+            stacked_params,
+            jax.random.key(0),
+            layouts=jlora.stacked_layouts(stacked_params),
+        )
     with pytest.raises(ValueError, match=r"only used by methods \['gora'"):
-        jlora.init(make_config("lora"), stacked_params, grads=fake_grads(stacked_params))
+        jlora.init(
+            make_config("lora"),
+            stacked_params,
+            grads=fake_grads(stacked_params),
+            layouts=jlora.stacked_layouts(stacked_params),
+        )
 
 
 def test_bf16_kernels_keep_their_dtype(stacked_params):

@@ -111,15 +111,15 @@ class Scanned(nn.Module):
         return Layer(name="layers")(x, None)[0]
 
 
-def test_inject_refuses_stacked_kernels():
+def test_inject_runs_scanned_layers_with_attached_adapters():
     model = Scanned()
     x = jnp.ones((2, 8))
     params = model.init(jax.random.key(0), x)["params"]
-    base, adapters = jlora.init(jlora.AdapterConfig(method="lora", rank=2), params)
+    cfg = jlora.AdapterConfig(method="lora", rank=2)
+    base, adapters = jlora.init(cfg, params, layouts=jlora.linen.layouts(model, x))
     assert adapters["layers/fc/kernel"].spec.stack == (3,)
-    with pytest.raises(ValueError, match="stacked kernel"), jlora.inject(adapters):
-        model.apply({"params": base}, x)
-    # the merged path works for scanned models
     trained = _perturb(adapters)
-    y = model.apply({"params": jlora.merge(base, trained)}, x)
-    assert y.shape == (2, 8)
+    with pytest.raises(ValueError, match="scanned layer"), jlora.inject(trained):
+        model.apply({"params": base}, x)
+    want = model.apply({"params": jlora.merge(base, trained)}, x)
+    assert rel_err(jlora.linen.apply(model, {"params": base}, trained, x), want) <= 1e-5

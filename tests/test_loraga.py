@@ -71,10 +71,21 @@ def test_options():
 
 def test_needs_grads_and_rank_limit(stacked_params):
     with pytest.raises(ValueError, match="needs gradients"):
-        jlora.init(_cfg(targets="proj/kernel"), stacked_params, 0)
+        jlora.init(
+            _cfg(targets="proj/kernel"),
+            stacked_params,
+            0,
+            layouts=jlora.stacked_layouts(stacked_params),
+        )
     grads = fake_grads(stacked_params)
     with pytest.raises(ValueError, match=r"loraga rank 13 .* at most min\(d_in, d_out\) = 24"):
-        jlora.init(_cfg(targets="proj/kernel", rank=13), stacked_params, 0, grads=grads)
+        jlora.init(
+            _cfg(targets="proj/kernel", rank=13),
+            stacked_params,
+            0,
+            grads=grads,
+            layouts=jlora.stacked_layouts(stacked_params),
+        )
 
 
 @pytest.mark.parametrize(
@@ -93,7 +104,9 @@ def test_init_from_the_gradient_svd(stacked_params, direction, scale):
     cfg = _cfg(
         targets="proj/kernel|layers/mlp/kernel", loraga_direction=direction, loraga_scale=scale
     )
-    base, ad = jlora.init(cfg, stacked_params, 0, grads=grads)
+    base, ad = jlora.init(
+        cfg, stacked_params, 0, grads=grads, layouts=jlora.stacked_layouts(stacked_params)
+    )
     flat, bflat = targets.flatten(stacked_params), targets.flatten(base)
     for p, a in ad.items():
         s = a.spec.scale
@@ -139,8 +152,20 @@ def test_randomized_svd_option(stacked_params):
     V = np.linalg.qr(rng.standard_normal((40, 6)))[0]
     G = (U * [1.0, 0.7, 0.5, 0.35, 0.2, 0.1]) @ V.T
     grads = {"proj/kernel": jnp.asarray(G, jnp.float32)}
-    exact = jlora.init(_cfg(targets="proj/kernel"), stacked_params, 0, grads=grads)[1]
-    rand = jlora.init(_cfg(targets="proj/kernel", loraga_niter=4), stacked_params, 0, grads=grads)
+    exact = jlora.init(
+        _cfg(targets="proj/kernel"),
+        stacked_params,
+        0,
+        grads=grads,
+        layouts=jlora.stacked_layouts(stacked_params),
+    )[1]
+    rand = jlora.init(
+        _cfg(targets="proj/kernel", loraga_niter=4),
+        stacked_params,
+        0,
+        grads=grads,
+        layouts=jlora.stacked_layouts(stacked_params),
+    )
     for n in ("A", "B"):
         assert _rel(rand[1]["proj/kernel"].params[n], exact["proj/kernel"].params[n]) < 1e-5
 
@@ -156,7 +181,9 @@ def test_fix_signs():
 def test_jlora_format_round_trip_and_fold(tmp_path, stacked_params):
     grads = fake_grads(stacked_params)
     cfg = _cfg(targets="proj/kernel")
-    base, initial = jlora.init(cfg, stacked_params, 0, grads=grads)
+    base, initial = jlora.init(
+        cfg, stacked_params, 0, grads=grads, layouts=jlora.stacked_layouts(stacked_params)
+    )
     trained = _perturb(initial)
     loaded, cfg2, _, _ = persist.load_adapters(persist.save_adapters(tmp_path, trained, cfg))
     assert cfg2 == cfg and loaded["proj/kernel"].spec == trained["proj/kernel"].spec

@@ -95,7 +95,7 @@ def test_adapters_derive_their_layout_from_the_kernel(method):
 
 def test_stacked_kernels_keep_their_stack_axes(stacked_params):
     cfg = jlora.AdapterConfig(method="slora", rank=4, targets=r"layers/mlp/kernel")
-    _, adapters = jlora.init(cfg, stacked_params, 0)
+    _, adapters = jlora.init(cfg, stacked_params, 0, layouts=jlora.stacked_layouts(stacked_params))
     kernel = {"layers/mlp/kernel": P(None, "fsdp", "tensor")}
     got = sharding.adapter_specs(adapters, kernel, SIZES)["layers/mlp/kernel"].params
     assert got == {

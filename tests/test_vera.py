@@ -66,7 +66,7 @@ def test_options_and_scale():
 def test_shared_pair_sliced_per_target(stacked_params):
     # proj (24, 40) and the stacked mlp (3, 40, 24): the pair is drawn at max_in = max_out = 40.
     cfg = _cfg(targets="proj/kernel|layers/mlp/kernel", vera_d_initial=0.5, vera_basis="cache")
-    base, ad = jlora.init(cfg, stacked_params, 0)
+    base, ad = jlora.init(cfg, stacked_params, 0, layouts=jlora.stacked_layouts(stacked_params))
     assert base is stacked_params  # the frozen kernels stay as they are
     proj, mlp = ad["proj/kernel"], ad["layers/mlp/kernel"]
     for a in (proj, mlp):
@@ -111,7 +111,7 @@ def test_regenerate_equals_cache_and_exports_store_only_vectors(tmp_path, stacke
     deltas, sizes = {}, {}
     for basis in ("regenerate", "cache"):
         cfg = _cfg(targets=targets, vera_basis=basis, vera_projection_prng_key=7)
-        _, ad = jlora.init(cfg, stacked_params, 0)
+        _, ad = jlora.init(cfg, stacked_params, 0, layouts=jlora.stacked_layouts(stacked_params))
         trained = _set_vectors(ad)
         deltas[basis] = jlora.delta(trained)
         folder = persist.save_adapters(tmp_path / basis, trained, cfg)

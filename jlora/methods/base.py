@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import linalg
+from jlora.layout import KernelLayout
 from jlora.lowrank import lowrank
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class AdapterSpec:
     alpha: float
     # Scale s: a float, or (GoRA on stacked kernels) nested tuples over the stacked axes.
     scale: Any
-    # Shape and dtype name of the targeted kernel; leading axes beyond the last two are stacked.
+    # Shape and dtype name of the targeted kernel (as stored: its matrix is `layout`'s view).
     kernel_shape: tuple[int, ...]
     kernel_dtype: str
     # The method's options (an instance of its `options_class`).
@@ -147,18 +148,32 @@ class AdapterSpec:
     # Per-target results of the method's whole-model step, as sorted `(name, value)` pairs of
     # hashable values (GoRA: "ranks" per stacked matrix and the parameter "budget").
     info: tuple[tuple[str, Any], ...] = ()
+    # Which kernel axes are stacked layers, inputs and outputs (`jlora.layout`); None: the
+    # default, the last two axes are (d_in, d_out) and leading ones stacked. Methods see only
+    # the matrices `(*stack, d_in, d_out)`; `jlora.init` / `merge` convert.
+    layout: KernelLayout | None = None
+
+    @property
+    def matrix_layout(self) -> KernelLayout:
+        """`layout`, or the default layout of `kernel_shape`."""
+        return self.layout or KernelLayout.default(len(self.kernel_shape))
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """`(*stack, d_in, d_out)`: the shape of the matrices the method adapts."""
+        return self.matrix_layout.matrix_shape(self.kernel_shape)
 
     @property
     def stack(self) -> tuple[int, ...]:
-        return tuple(self.kernel_shape[:-2])
+        return self.matrix_shape[:-2]
 
     @property
     def d_in(self) -> int:
-        return self.kernel_shape[-2]
+        return self.matrix_shape[-2]
 
     @property
     def d_out(self) -> int:
-        return self.kernel_shape[-1]
+        return self.matrix_shape[-1]
 
     def get(self, name: str, default: Any = None) -> Any:
         """A value of `info`."""

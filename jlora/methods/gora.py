@@ -154,7 +154,7 @@ class Gora(Method):
         rank_range = next(iter(specs.values())).options.rank_range if specs else (1, 1)
         ranks, budgets = allocate_ranks(
             imps,
-            {p: s.kernel_shape[-2:] for p, s in specs.items()},
+            {p: (s.d_in, s.d_out) for p, s in specs.items()},
             {p: s.rank for p, s in specs.items()},
             rank_range,
         )

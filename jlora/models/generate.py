@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.inject import inject
+from jlora.linen.inject import inject
 
 
 def _sample(

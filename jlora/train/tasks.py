@@ -30,7 +30,7 @@ import numpy as np
 from jlora import data as jdata
 from jlora.data import checks, metamath
 from jlora.errors import ConfigError
-from jlora.inject import inject
+from jlora.linen.inject import inject
 from jlora.models.generate import generate
 from jlora.train.distributed import to_host
 

@@ -1,13 +1,20 @@
-"""The factored path: adapters inside any Flax Linen model, without forming ΔK.
+"""The factored path for Linen: adapters inside any Flax Linen model, without forming ΔK.
 
-`jlora.inject(adapters)` intercepts `nn.Dense` / `nn.DenseGeneral` calls (through
-`flax.linen.intercept_methods`) whose kernel path has an adapter, and replaces
-their output `y` by the method's `output` (for low-rank methods `y + s · ((drop(x) @ A) @ M) @ B`,
-never forming ΔK). A dense layer whose kernel is kept quantized (`jlora.quant.QuantizedKernel`)
-runs on it, targeted or not, dequantizing inside the call (`jlora.quant.dense`). The model's
-code is not touched, so it works for third-party Linen models too. The adapter of a module at
-`module.path == ("enc", "q")` is the one keyed `"enc/q/kernel"` (or `"params/enc/q/kernel"` if
-the adapters were made from a whole variables dict).
+`jlora.inject(adapters)` intercepts the calls of `nn.Dense`, `nn.DenseGeneral` and `nn.Einsum`
+(through `flax.linen.intercept_methods`) whose kernel path has an adapter, and replaces their
+output `y` by the method's `output` (for low-rank methods `y + s · ((drop(x) @ A) @ M) @ B`, never
+forming ΔK). A multi-axis `DenseGeneral` or `Einsum` is adapted as the matrix that flattens its
+contracted and its free kernel axes (`jlora.layout`): `x` and `y` are rearranged into rows of
+that matrix around the low-rank product. A dense layer whose kernel is kept quantized
+(`jlora.quant.QuantizedKernel`) runs on it, targeted or not, dequantizing inside the call
+(`jlora.quant.dense`). The model's code is not touched, so it works for third-party Linen models
+too. The adapter of a module at `module.path == ("enc", "q")` is the one keyed `"enc/q/kernel"`
+(or `"params/enc/q/kernel"` if the adapters were made from a whole variables dict).
+
+Scanned layers (`nn.scan`): a layer inside the scan sees one slice of its stacked kernel, and the
+interceptor cannot know which. The scan itself slices the adapter when its leaves travel in the
+layer's parameters: `model.apply(jlora.linen.attach(variables, adapters), x)` inside the context
+(`jlora.linen.apply` does both). Attached leaves are named `jlora_<leaf>` next to the kernel.
 
 Enter the context *inside* the function you jit or differentiate: the adapters are read while
 tracing, so a jitted function called inside the context would keep the adapters of its first trace.
@@ -16,12 +23,12 @@ Every adapter must land somewhere: by default (`strict=True`) leaving the contex
 ValueError if an adapter matched no module that ran inside it (a wrong path, or a jitted function
 traced before the context), naming the closest module paths that did run; `strict=False` is for
 running only part of a model (an encoder without its head), and only warns when nothing matched.
-An adapter whose `spec.kernel_shape` differs from the kernel of its module (adapters made for
-another model) is a ValueError at that module's call.
-
-Not covered (use the merged path, `model.apply({"params": jlora.merge(base, adapters)}, x)`):
-adapters of stacked kernels (`nn.scan` layers: the interceptor cannot know the layer index),
-`nn.DenseGeneral` with several input or output axes, and `nn.Einsum`.
+A targeted module the factored path cannot run raises a ValueError naming it, never silently
+skipped: an adapter whose kernel shape differs from its module's (adapters made for another
+model), a module type other than the three above (e.g. a custom `nn.Module` reading its
+`kernel` directly; use the merged path, `model.apply({"params": jlora.merge(base, adapters)}, x)`),
+and an einsum whose kernel shares a label with both input and output (MoE experts: per-expert
+adapters, merged path only).
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -45,16 +52,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from jlora import quant, targets
+from jlora import factored, quant, targets
 from jlora.adapters import Adapters
-from jlora.methods import METHODS, Adapter, Layer
+from jlora.layout import Contraction
 
 _SHOWN = 3  # unmatched adapters named in the strict-mode error
 
 
-def last_axis_matmul(module: nn.Dense | nn.DenseGeneral) -> bool:
+LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+def last_axis_matmul(module: nn.Module) -> bool:
     """Whether the module's kernel is a (d_in, d_out) matmul over its input's last axis (every
     `nn.Dense`; an `nn.DenseGeneral` with one input axis, -1, one feature axis, no batch dims)."""
+    if isinstance(module, nn.Einsum):
+        return False
     if not isinstance(module, nn.DenseGeneral):
         return True
     axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
@@ -62,40 +74,28 @@ def last_axis_matmul(module: nn.Dense | nn.DenseGeneral) -> bool:
     return axis == (-1,) and len(feats) == 1 and not module.batch_dims
 
 
-def _check_module(module: nn.Module, path: str, adapter: Adapter) -> None:
-    spec = adapter.spec
-    if spec.stack:
+def contraction(module: nn.Module, x: jax.Array, kwargs: Any = None) -> Contraction | None:
+    """How a Dense / DenseGeneral / Einsum module contracts its input `x` with its kernel
+    (None: a plain matmul over the last axis)."""
+    what = "/".join(module.path)
+    if last_axis_matmul(module):
+        return None
+    if isinstance(module, nn.Einsum):
+        eq = (kwargs or {}).get("einsum_str") or module.einsum_str
+        return Contraction.parse(eq, x.ndim, what)
+    axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+    feats = module.features if isinstance(module.features, tuple) else (module.features,)
+    batch = module.batch_dims if isinstance(module.batch_dims, tuple) else (module.batch_dims,)
+    return Contraction.dense(x.ndim, axis, len(feats), what, batch=batch)
+
+
+def _check_module(module: nn.Module, path: str) -> None:
+    if not isinstance(module, LAYERS):
         raise ValueError(
-            f"jlora.inject: the adapter of {path!r} is for a stacked kernel {spec.kernel_shape}; "
-            "the factored path handles 2-D kernels only. Use the merged path: "
-            "model.apply({'params': jlora.merge(base, adapters)}, ...)"
-        )
-    if not last_axis_matmul(module):
-        raise ValueError(
-            f"jlora.inject: nn.DenseGeneral at {path!r} (axis={module.axis}, "
-            f"features={module.features}, batch_dims={module.batch_dims}) is not a plain "
-            "matmul over the last axis; use the merged path (jlora.merge)"
-        )
-
-
-def _kernel_shape(module: nn.Dense | nn.DenseGeneral, x: jax.Array) -> tuple[int, int]:
-    """The (d_in, d_out) kernel of a last-axis matmul module applied to `x` (what Flax creates or
-    reads: `nn.Dense` and such an `nn.DenseGeneral` make their kernel `(x.shape[-1], features)`).
-    """
-    features = module.features
-    return x.shape[-1], features if isinstance(features, int) else features[0]
-
-
-def _check_shape(
-    module: nn.Dense | nn.DenseGeneral, x: jax.Array, path: str, adapter: Adapter
-) -> None:
-    """The adapter was made for this module's kernel shape (not for another model's)."""
-    kernel = _kernel_shape(module, x)
-    if tuple(adapter.spec.kernel_shape) != kernel:
-        raise ValueError(
-            f"jlora.inject: the adapter of {path!r} is for a kernel of shape "
-            f"{tuple(adapter.spec.kernel_shape)}, but the module it lands on has a kernel of "
-            f"shape {kernel}: adapters made for another model (or another config of it)?"
+            f"jlora.inject: the targeted kernel {path!r} belongs to a {type(module).__name__}, "
+            "which the factored path cannot run (it handles nn.Dense, nn.DenseGeneral and "
+            "nn.Einsum); use the merged path: model.apply({'params': jlora.merge(base, "
+            "adapters)}, ...)"
         )
 
 
@@ -141,9 +141,11 @@ def inject(
 
     Raises:
       ValueError: at the call of a targeted module whose kernel shape differs from the adapter's
-        `spec.kernel_shape`, or that the factored path cannot handle (stacked kernels,
-        multi-axis `nn.DenseGeneral`); and at exit as described for `strict`. Nothing is raised
-        at exit when the body itself raised: its exception propagates unchanged.
+        `spec.kernel_shape` (or one slice of it, in a scan), that the factored path cannot run
+        (see the module docstring), or that runs a slice of a stacked kernel without the
+        adapter attached to its parameters (`attach`); and at exit as described for `strict`.
+        Nothing is raised at exit when the body itself raised: its exception propagates
+        unchanged.
     """
     by_module = {m: (p, adapters[p]) for m, p in targets.module_index(adapters).items()}
     used: set[str] = set()
@@ -151,29 +153,47 @@ def inject(
 
     def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense | nn.DenseGeneral):
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        hit = by_module.get("/".join(module.path))
+        if not isinstance(module, LAYERS):
+            if hit is not None and module.has_variable("params", "kernel"):
+                _check_module(module, hit[0])
             return next_fun(*args, **kwargs)
         ran["/".join((*module.path, "kernel"))] = None
-        hit = by_module.get("/".join(module.path))
         quantized = quant.kernel.quantized_kernel_of(module)  # a frozen base kept quantized
         if hit is None:
             if quantized is not None:
                 return quant.dense(module, args[0] if args else kwargs["inputs"], quantized)
             return next_fun(*args, **kwargs)
         path, adapter = hit
-        _check_module(module, path, adapter)
         x = args[0] if args else kwargs["inputs"]
-        _check_shape(module, x, path, adapter)
+        view = contraction(module, x, kwargs)
+        if view is not None and (reason := view.unsupported()) is not None:
+            raise ValueError(
+                f"jlora.inject: {type(module).__name__} at {path!r}: {reason}; the factored "
+                "path cannot run it. Use the merged path (jlora.merge)"
+            )
         y = next_fun(*args, **kwargs) if quantized is None else quant.dense(module, x, quantized)
         key = None if rng is None else jax.random.fold_in(rng, targets.stable_hash(path))
         used.add(path)
 
         def get(name: str) -> Any:  # what the method reads of the layer, dequantized
-            v = module.get_variable("params", name)
+            if not module.has_variable("params", name):
+                return None
+            v = nn.meta.unbox(module.get_variable("params", name))
             return v.dequantize() if quant.is_quantized(v) else v
 
-        layer = Layer(get)
-        return METHODS[adapter.spec.method].output(x, y, layer, adapter.params, adapter.spec, key)
+        def attached() -> dict[str, Any]:  # adapter leaves the scan sliced for this layer
+            own = module.variables.get("params", {})
+            return {n: v for n, v in own.items() if n.startswith(factored.PREFIX)}
+
+        inner = tuple(nn.meta.unbox(module.get_variable("params", "kernel")).shape)
+        try:
+            leaves, spec = factored.layer_params(adapter, attached, get, inner, path)
+        except ValueError as e:
+            raise ValueError(f"jlora.inject: {e}") from None
+        return factored.adapted(x, y, view, get, adapter, key, path, leaves=leaves, spec=spec)
 
     # An exception of the body propagates out of `yield`, so the checks below never mask it.
     with nn.intercept_methods(interceptor):

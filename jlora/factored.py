@@ -1,0 +1,156 @@
+"""The factored path's arithmetic, shared by every framework wing (`jlora.linen`, `jlora.nnx`).
+
+A wing finds the layer a targeted kernel belongs to and calls `adapted(...)` with the layer's
+input `x`, its frozen output `y`, how the layer contracts them with its kernel (a
+`jlora.layout.Contraction`, or None for a plain matmul over the last axis) and a getter for
+its kernel and bias. `adapted` turns `x` and `y` into the `(..., d_in)` / `(..., d_out)` rows of
+the adapter's matrix view, lets the method compute its output there (`Method.output`, which never
+forms ΔK), and puts the result back in `y`'s shape.
+
+Inside a scanned layer the layer sees one slice of a stacked kernel; the adapter's leaves are
+sliced the same way by the scan itself when they travel in the layer's parameters (`attached`
+leaves), and `layer_spec` is the spec of that one matrix (per-layer scale included: GoRA's ranks
+differ per layer).
+
+Example:
+  >>> import jax, jax.numpy as jnp, jlora
+  >>> from jlora import factored
+  >>> K = jnp.ones((4, 3))
+  >>> _, ad = jlora.init(jlora.AdapterConfig(method="lora", rank=2), {"q": {"kernel": K}})
+  >>> x = jnp.ones((2, 4))
+  >>> y = factored.adapted(x, x @ K, None, {"kernel": K}.get, ad["q/kernel"], None, "q")
+  >>> y.shape
+  (2, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.layout import Contraction, bias_rows
+from jlora.methods import METHODS, Adapter, AdapterSpec, Layer
+
+# Name prefix of adapter leaves attached to a layer's parameters (`attach_leaves`).
+PREFIX = "jlora_"
+# The per-matrix scale of a stacked adapter whose scale differs per matrix (GoRA).
+SCALE = PREFIX + "scale"
+
+
+def attached_leaves(adapter: Adapter) -> dict[str, jax.Array]:
+    """What a layer's parameters carry for `adapter` so that a scan over the layers slices it:
+    every leaf (regenerable ones regenerated), and for a
+    per-matrix scale (GoRA on stacked kernels) the scales as an array `jlora_scale`."""
+    spec = adapter.spec
+    leaves = dict(adapter.params)
+    if spec.stack:  # regenerated once per step (stacked, as for the spec), not once per layer
+        for name, x in METHODS[spec.method].regenerate(spec).items():
+            leaves.setdefault(name, x)
+    out = {PREFIX + n: x for n, x in leaves.items()}
+    if spec.stack and jnp.ndim(spec.scale_array()) > 0:
+        out[SCALE] = jnp.asarray(spec.scale_array(), jnp.float32).reshape(spec.stack)
+    return out
+
+
+def layer_params(
+    adapter: Adapter,
+    attached: Callable[[], Mapping[str, jax.Array]],
+    get: Callable[[str], Any],
+    inner_shape: tuple[int, ...],
+    what: str,
+) -> tuple[dict[str, jax.Array], AdapterSpec]:
+    """The leaves and spec of the one matrix a layer multiplies by its kernel of `inner_shape`:
+    the adapter itself for an unstacked kernel; inside a scan (the kernel is one slice of the
+    stacked kernel) the sliced leaves the scan gives the layer (`attached()`: the layer's
+    parameters named `jlora_*`; `get(name)` reads one).
+
+    Raises:
+      ValueError: the kernel shape fits neither the adapter's kernel nor one of its slices
+        (adapters made for another model), or a scanned layer without its attached leaves.
+    """
+    spec = adapter.spec
+    if tuple(inner_shape) == tuple(spec.kernel_shape):
+        return dict(adapter.params), spec
+    view = spec.matrix_layout
+    one = tuple(s for i, s in enumerate(spec.kernel_shape) if i not in view.stack)
+    leading = view.stack == tuple(range(len(view.stack)))
+    if not spec.stack or tuple(inner_shape) != one or not leading:
+        raise ValueError(
+            f"the adapter of {what!r} is for a kernel of shape {tuple(spec.kernel_shape)}"
+            f"{f' (stacked axes {view.stack})' if spec.stack else ''}, but the layer it lands on "
+            f"has a kernel of shape {tuple(inner_shape)}: adapters made for another model (or "
+            "another config of it)?"
+        )
+    leaves = {n.removeprefix(PREFIX): x for n, x in attached().items() if n != SCALE}
+    missing = [n for n in adapter.params if n not in leaves]
+    if missing:
+        raise ValueError(
+            f"{what!r} runs one slice of its stacked kernel {tuple(spec.kernel_shape)} (a "
+            "scanned layer): the scan must slice the adapter too, so its leaves must travel in "
+            "the layer's parameters. Linen: model.apply(jlora.linen.attach(variables, "
+            "adapters), ...) (or jlora.linen.apply); NNX: jlora.nnx.attach(model, adapters)"
+        )
+    scale: Any = spec.scale
+    if jnp.ndim(spec.scale_array()) > 0:
+        scale = get(SCALE)
+    lay = view.unstacked()
+    one_spec = dataclasses.replace(
+        spec,
+        kernel_shape=one,
+        layout=None if lay.is_plain else lay,
+        scale=scale,
+    )
+    return leaves, one_spec
+
+
+def adapted(
+    x: jax.Array,
+    y: jax.Array,
+    contraction: Contraction | None,
+    get: Callable[[str], Any],
+    adapter: Adapter,
+    key: jax.Array | None,
+    what: str,
+    *,
+    leaves: Mapping[str, jax.Array] | None = None,
+    spec: AdapterSpec | None = None,
+) -> jax.Array:
+    """The adapted output of a layer: `y` plus the adapter's update (the method's `output`).
+
+    Args:
+      x, y: the layer's input and frozen output.
+      contraction: how the layer contracts `x` with its kernel; None: `y = x @ K (+ b)` over the
+        last axis of `x`.
+      get: the layer's parameter by name (`"kernel"`, `"bias"`; None if absent).
+      adapter: the target's adapter.
+      key: dropout key (None: no dropout).
+      what: the layer's name, for errors.
+      leaves, spec: the leaves and spec of the one matrix the layer multiplies (from
+        `layer_params`); default: the adapter's own.
+    """
+    leaves = dict(adapter.params) if leaves is None else dict(leaves)
+    spec = adapter.spec if spec is None else spec
+    method = METHODS[spec.method]
+    if contraction is None:
+        return method.output(x, y, Layer(get), leaves, spec, key)
+    view = spec.matrix_layout
+
+    def get_matrix(name: str) -> Any:
+        v = get(name)
+        if name == "kernel":
+            return view.matrix(v)
+        if name == "bias" and v is not None:
+            try:
+                return bias_rows(v, contraction, y.shape)
+            except ValueError as e:
+                raise ValueError(f"{what!r}: {e}") from None
+        return v
+
+    out = method.output(
+        contraction.x_rows(x), contraction.y_rows(y), Layer(get_matrix), leaves, spec, key
+    )
+    return contraction.y_from_rows(out, y.shape)
