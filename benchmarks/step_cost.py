@@ -99,12 +99,15 @@ SMOLLM2_135M = LlamaConfig(
 )
 
 
-def smollm2_shaped(batch: int = 4, seq: int = 256, layers: int | None = None) -> Workload:
-    """A decoder of SmolLM2-135M's shape with random weights, causal-LM loss on a fixed batch."""
+def smollm2_shaped(
+    batch: int = 4, seq: int = 256, layers: int | None = None, scan: bool = False
+) -> Workload:
+    """A decoder of SmolLM2-135M's shape with random weights, causal-LM loss on a fixed batch
+    (`scan`: its layers under `nn.scan`, `Llama(scan_layers=True)`)."""
     config = SMOLLM2_135M
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers)
-    model = Llama(config)
+    model = Llama(config, scan_layers=scan)
     rng = np.random.default_rng(0)
     ids = _ids(rng, config.vocab_size, batch, seq)
     params = jax.jit(model.init)(jax.random.key(0), ids[:1, :8], jnp.ones((1, 8), jnp.int32))[
@@ -189,7 +192,10 @@ class AdapterStep:
     """A jitted training step for one variant, holding its donated state between calls."""
 
     def __init__(self, w: Workload, v: Variant, config: jlora.AdapterConfig, grads: Any = None):
-        base, adapters = jlora.init(config, w.params, jax.random.key(0), grads=grads)
+        layouts = jlora.stacked_layouts(w.params)  # scanned layers: stacked plain Dense kernels
+        base, adapters = jlora.init(
+            config, w.params, jax.random.key(0), grads=grads, layouts=layouts
+        )
         trainable, frozen = jlora.split(adapters)
         tx = jlora.optimizer(trainable, optax.adam(1e-4))
         self.trainable_count = jlora.trainable_count(adapters)
@@ -200,7 +206,9 @@ class AdapterStep:
             if v.path == "merge":
                 return w.loss(w.apply(jlora.merge(base, ad), batch), batch)
             with jlora.inject(ad):
-                return w.loss(w.apply(base, batch), batch)
+                # Scanned layers need the adapters in their parameters (`jlora.linen.attach`).
+                params = jlora.linen.attach(base, ad) if layouts else base
+                return w.loss(w.apply(params, batch), batch)
 
         @functools.partial(jax.jit, donate_argnums=0)
         def step(state, frozen, base, batch):

@@ -121,7 +121,7 @@ def test_rules_first_match_wins_with_own_rank_and_alpha():
     cfg = jlora.AdapterConfig(
         method="lora", rank=2, alpha=4.0, targets=[(r"enc/q/kernel", 4, 8.0), r"enc/.*"]
     )
-    _, ad = jlora.init(cfg, PARAMS, jax.random.key(0))
+    _, ad = jlora.init(cfg, PARAMS, jax.random.key(0), layouts=jlora.stacked_layouts(PARAMS))
     assert list(ad) == ["enc/mlp/kernel", "enc/q/kernel", "enc/v/kernel"]
     assert ad["enc/q/kernel"].spec.rank == 4 and ad["enc/q/kernel"].spec.scale == 2.0
     assert ad["enc/v/kernel"].spec.rank == 2 and ad["enc/v/kernel"].spec.scale == 2.0
@@ -129,7 +129,8 @@ def test_rules_first_match_wins_with_own_rank_and_alpha():
 
 
 def test_only_floating_kernels_are_candidates():
-    found = [t.path for t in targets.select(PARAMS, (jlora.Rule(pattern=".*"),), 2, 1.0)]
+    rules = (jlora.Rule(pattern=".*"),)
+    found = [t.path for t in targets.select(PARAMS, rules, 2, 1.0, jlora.stacked_layouts(PARAMS))]
     assert found == ["enc/mlp/kernel", "enc/q/kernel", "enc/v/kernel"]
 
 

@@ -17,7 +17,7 @@ from test_linen_layers import ALL, GRAD_METHODS, IDS, _perturb, assert_same_grad
 import jlora
 from jlora import persist, targets
 
-FAST = ("lora", "nlora", "nola", "gora", "dora", "vera")
+FAST = ("lora", "nola", "gora", "dora")
 
 
 def _model(scan: bool) -> nnx.Module:

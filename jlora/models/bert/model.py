@@ -193,13 +193,30 @@ class Layer(nn.Module):
         return AddNorm(c, self.dtype, name="output")(h, x)
 
 
+class CarryLayer(Layer):
+    """`Layer` as an `nn.scan` body: `(x, bias) -> (x', None)`."""
+
+    def __call__(self, x: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:  # type: ignore[override]
+        return super().__call__(x, bias), None
+
+
 class Encoder(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        if self.scan_layers:  # one compiled layer, parameters stacked (`jlora.models.scan`)
+            scanned = nn.scan(
+                wrap(CarryLayer, self.remat, "Bert.remat"),
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
+                length=self.config.num_hidden_layers,
+            )
+            return scanned(self.config, self.dtype, name="layer")(x, bias)[0]
         layer_class = wrap(Layer, self.remat, "Bert.remat")
         for i in range(self.config.num_hidden_layers):
             x = layer_class(self.config, self.dtype, name=f"layer_{i}")(x, bias)
@@ -225,6 +242,9 @@ class Bert(nn.Module):
     dtype: Any = jnp.float32
     # Per-layer rematerialisation: "none", "full" or "dots" (see `jlora.models.remat`).
     remat: str = "none"
+    # Run the encoder layers under `nn.scan` (`encoder/layer/...`, stacked; see
+    # `jlora.models.scan`): one layer compiled instead of all.
+    scan_layers: bool = False
     family = family
 
     @nn.compact
@@ -241,7 +261,7 @@ class Bert(nn.Module):
         bias = jnp.zeros((1, 1, 1, input_ids.shape[1]), jnp.float32)
         if attention_mask is not None:  # additive, on padded keys
             bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        x = Encoder(c, self.dtype, self.remat, name="encoder")(x, bias)
+        x = Encoder(c, self.dtype, self.remat, self.scan_layers, name="encoder")(x, bias)
         if c.num_labels is None:
             return x
         if c.model_type == "roberta":
@@ -263,7 +283,7 @@ def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
 # over `fsdp`; tensor parallelism (Megatron) splits query/key/value and the intermediate dense
 # by output (heads, MLP hidden) and the two output denses by input over `tensor`. Norms, the
 # small position/type embeddings and the head are replicated.
-_L = r"encoder/layer_\d+/"
+_L = r"encoder/layer(_\d+)?/"
 SHARDING = (
     Rule(r"embeddings/word_embeddings/embedding", ("tensor", "fsdp")),
     Rule(rf"{_L}(attention/self/(query|key|value)|intermediate/dense)/kernel", ("fsdp", "tensor")),

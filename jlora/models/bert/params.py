@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 model_class = Bert
 
-_LAYER = r"encoder/layer_\d+/"
+_LAYER = r"encoder/layer(_\d+)?/"
 _ATTN = r"attention/(self/(query|key|value)|output/dense)"
 PRESETS = {
     "attention": rf"{_LAYER}{_ATTN}/kernel",

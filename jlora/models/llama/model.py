@@ -289,6 +289,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     dtype: Any = jnp.float32
     remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -314,7 +315,22 @@ class LlamaModel(nn.Module):
         mask = attention_mask_4d(query_slots, key_slots, attention_mask, c.sliding_window)
         new_cache = [] if cache is not None else None
         layer_class = wrap(DecoderLayer, self.remat, "Llama.remat")
-        for i in range(c.num_hidden_layers):
+        if self.scan_layers:
+            if cache is not None:
+                raise ValueError(
+                    "Llama(scan_layers=True) has no key/value cache: generate with "
+                    "scan_layers=False on jlora.models.scan.unstack_layers(params)"
+                )
+            # One compiled layer, its parameters stacked (`jlora.models.scan`).
+            scanned = nn.scan(
+                layer_class,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_hidden_layers,
+            )
+            x, _ = scanned(c, self.dtype, name="layers")(x, cos, sin, mask)
+        for i in range(0 if self.scan_layers else c.num_hidden_layers):
             layer = layer_class(c, self.dtype, name=f"layers_{i}")
             x, layer_cache = layer(
                 x, cos, sin, mask, None if cache is None else cache[i], cache_index
@@ -340,6 +356,9 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32
     # Per-layer rematerialisation: "none", "full" or "dots" (see `jlora.models.remat`).
     remat: str = "none"
+    # Run the decoder layers under `nn.scan` (`model/layers/...`, stacked; `jlora.models.scan`):
+    # one layer compiled instead of all. No key/value cache (generation) in this mode.
+    scan_layers: bool = False
     family = family
 
     @nn.compact
@@ -352,9 +371,9 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> jax.Array | tuple[jax.Array, Cache]:
-        h, new_cache = LlamaModel(self.config, self.dtype, self.remat, name="model")(
-            input_ids, attention_mask, positions, cache, jnp.asarray(cache_index, jnp.int32)
-        )
+        h, new_cache = LlamaModel(
+            self.config, self.dtype, self.remat, self.scan_layers, name="model"
+        )(input_ids, attention_mask, positions, cache, jnp.asarray(cache_index, jnp.int32))
         if not self.config.tie_word_embeddings:
             lm_head = nn.Dense(
                 self.config.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head"
@@ -375,15 +394,15 @@ class Llama(nn.Module):
 
 # Target presets (regexes over '/'-joined kernel paths; see `jlora.models.preset`).
 PRESETS = {
-    "attention": r"model/layers_\d+/self_attn/(q|k|v|o)_proj/kernel",
-    "all-linear": r"model/layers_\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel",
+    "attention": r"model/layers(_\d+)?/self_attn/(q|k|v|o)_proj/kernel",
+    "all-linear": r"model/layers(_\d+)?/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel",
 }
 
 
 # Mesh layouts of the parameters (`jlora.sharding`): FSDP splits one axis of every large kernel
 # over `fsdp`; tensor parallelism (Megatron) splits q/k/v/gate/up by output (heads, MLP hidden)
 # and o/down by input over `tensor`, so each block ends in one all-reduce. Norms are replicated.
-_L = r"model/layers_\d+/"
+_L = r"model/layers(_\d+)?/"
 SHARDING = (
     Rule(r"model/embed_tokens/embedding", ("tensor", "fsdp")),
     Rule(rf"{_L}(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel", ("fsdp", "tensor")),

@@ -1,0 +1,58 @@
+"""Scanned decoder layers: a model's `layers_0 … layers_{n-1}` as one stacked `layers`.
+
+With `Llama(config, scan_layers=True)` the decoder layers run under `nn.scan`: their parameters
+are one pytree whose leaves have a leading layer axis (`model/layers/mlp/up_proj/kernel` of shape
+`(layers, d_in, d_out)`), and XLA compiles one layer instead of every layer, so compile time no
+longer grows with depth. `stack_layers` / `unstack_layers` convert between the two layouts (the
+checkpoint key maps and exports keep the per-layer layout); adapters on stacked kernels take
+`jlora.stacked_layouts(params)` and run factored through `jlora.linen.apply`.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> p = {"model": {"layers_0": {"w": jnp.zeros(2)}, "layers_1": {"w": jnp.ones(2)}}}
+  >>> s = stack_layers(p)
+  >>> s["model"]["layers"]["w"].shape
+  (2, 2)
+  >>> sorted(unstack_layers(s)["model"])
+  ['layers_0', 'layers_1']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _layer_keys(node: Mapping[str, Any], name: str) -> list[str]:
+    keys = [k for k in node if re.fullmatch(rf"{name}_\d+", k)]
+    return sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
+def stack_layers(params: Any, parent: str = "model", name: str = "layers") -> Any:
+    """`params` with `<parent>/<name>_<i>` subtrees stacked into one `<parent>/<name>` (leading
+    axis: the layer index). Every layer must have the same structure and shapes."""
+    node = params[parent]
+    keys = _layer_keys(node, name)
+    if not keys or [int(k.rsplit("_", 1)[1]) for k in keys] != list(range(len(keys))):
+        raise ValueError(
+            f"stack_layers: expected {parent}/{name}_0 … {name}_(n-1), found {sorted(node)[:6]}"
+        )
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(node[k] for k in keys))
+    rest = {k: v for k, v in node.items() if k not in keys}
+    return {**params, parent: {**rest, name: stacked}}
+
+
+def unstack_layers(params: Any, parent: str = "model", name: str = "layers") -> Any:
+    """Inverse of `stack_layers`."""
+    node = params[parent]
+    if name not in node:
+        raise ValueError(f"unstack_layers: {parent}/{name} not in the parameters")
+    stacked = node[name]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    rest = {k: v for k, v in node.items() if k != name}
+    layers = {f"{name}_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+    return {**params, parent: {**rest, **layers}}

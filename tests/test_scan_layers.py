@@ -1,0 +1,92 @@
+"""jlora's own Llama and BERT with their layers under `nn.scan` (`scan_layers=True`): the same
+function as the unrolled model on stacked weights, presets that match both layouts, and every
+adapter on the factored path equal to the merged path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import fake_grads, rel_err
+
+import jlora
+import jlora.models as jm
+from jlora.models.bert import Bert, BertConfig
+from jlora.models.llama import Llama, LlamaConfig
+from jlora.models.scan import stack_layers, unstack_layers
+
+LLAMA = LlamaConfig(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+BERT = BertConfig(
+    vocab_size=40,
+    hidden_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=24,
+    max_position_embeddings=16,
+    num_labels=2,
+)
+IDS = jnp.asarray((np.arange(12).reshape(2, 6) * 5 + 1) % 32)
+
+
+def _pair(family: str):
+    """(unrolled model, scanned model, unrolled params, stacked params, layer prefix)."""
+    if family == "llama":
+        m, ms, where = Llama(LLAMA), Llama(LLAMA, scan_layers=True), ("model", "layers")
+    else:
+        m, ms, where = Bert(BERT), Bert(BERT, scan_layers=True), ("encoder", "layer")
+    p = m.init(jax.random.key(0), IDS)["params"]
+    p = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, p)  # pretrained-like weights
+    return m, ms, p, stack_layers(p, *where), where
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_scanned_model_is_the_unrolled_model_on_stacked_weights(family):
+    m, ms, p, ps, where = _pair(family)
+    shapes = jax.tree.map(lambda x: x.shape, ms.init(jax.random.key(0), IDS)["params"])
+    assert shapes == jax.tree.map(lambda x: x.shape, ps)  # init makes the stacked layout
+    assert rel_err(ms.apply({"params": ps}, IDS), m.apply({"params": p}, IDS)) <= 1e-5
+    back = unstack_layers(ps, *where)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), back, p))
+    for preset in ("attention", "all-linear"):
+        n_unrolled = len(
+            jlora.targets.select(p, [jlora.Rule(pattern=jm.preset(m, preset))], 2, 4.0)
+        )
+        rules = [jlora.Rule(pattern=jm.preset(ms, preset))]
+        n_scanned = len(jlora.targets.select(ps, rules, 2, 4.0, jlora.stacked_layouts(ps)))
+        assert n_unrolled == 3 * n_scanned  # one stacked kernel per projection
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["lora", "gora", *(pytest.param(m, marks=pytest.mark.slow) for m in ("slora", "nola", "dora"))],
+)
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_adapters_on_scanned_layers_factored_equals_merged(family, method):
+    _, ms, _, ps, _ = _pair(family)
+    cfg = jlora.AdapterConfig(
+        method=method,
+        rank=2,
+        targets=jm.preset(ms, "all-linear"),
+        **({"gora_rank_range": (1, 4)} if method == "gora" else {}),
+    )
+    grads = fake_grads(ps) if method == "gora" else None
+    base, ad = jlora.init(cfg, ps, 0, grads=grads, layouts=jlora.stacked_layouts(ps))
+    ad = {p: a.replace(params={n: x + 0.1 for n, x in a.params.items()}) for p, a in ad.items()}
+    want = ms.apply({"params": jlora.merge(base, ad)}, IDS)
+    got = jlora.linen.apply(ms, {"params": base}, ad, IDS)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_scanned_llama_has_no_cache():
+    ms = Llama(LLAMA, scan_layers=True)
+    ps = ms.init(jax.random.key(0), IDS)["params"]
+    with pytest.raises(ValueError, match=r"scan_layers=True\) has no key/value cache"):
+        ms.apply({"params": ps}, IDS, cache=Llama(LLAMA).init_cache(2, 8), cache_index=0)
