@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.layout import Contraction, bias_rows
 from jlora.methods import METHODS, Adapter, AdapterSpec, Layer
@@ -76,17 +77,17 @@ def layer_params(
     if tuple(inner_shape) == tuple(spec.kernel_shape):
         return dict(adapter.params), spec
     view = spec.matrix_layout
-    one = tuple(s for i, s in enumerate(spec.kernel_shape) if i not in view.stack)
-    leading = view.stack == tuple(range(len(view.stack)))
-    if not spec.stack or tuple(inner_shape) != one or not leading:
+    n = len(spec.kernel_shape) - len(inner_shape)  # axes the scan (or vmap) took off
+    scanned = 0 < n <= len(view.stack) and view.stack[:n] == tuple(range(n))
+    if not scanned or tuple(inner_shape) != tuple(spec.kernel_shape[n:]):
         raise ValueError(
             f"the adapter of {what!r} is for a kernel of shape {tuple(spec.kernel_shape)}"
             f"{f' (stacked axes {view.stack})' if spec.stack else ''}, but the layer it lands on "
             f"has a kernel of shape {tuple(inner_shape)}: adapters made for another model (or "
             "another config of it)?"
         )
-    leaves = {n.removeprefix(PREFIX): x for n, x in attached().items() if n != SCALE}
-    missing = [n for n in adapter.params if n not in leaves]
+    leaves = {name.removeprefix(PREFIX): x for name, x in attached().items() if name != SCALE}
+    missing = [name for name in adapter.params if name not in leaves]
     if missing:
         raise ValueError(
             f"{what!r} runs one slice of its stacked kernel {tuple(spec.kernel_shape)} (a "
@@ -96,11 +97,11 @@ def layer_params(
         )
     scale: Any = spec.scale
     if jnp.ndim(spec.scale_array()) > 0:
-        scale = get(SCALE)
-    lay = view.unstacked()
+        scale = get(SCALE)  # this layer's scales (an array over any remaining stacked axes)
+    lay = view.unstacked(n)
     one_spec = dataclasses.replace(
         spec,
-        kernel_shape=one,
+        kernel_shape=tuple(inner_shape),
         layout=None if lay.is_plain else lay,
         scale=scale,
     )
@@ -138,19 +139,58 @@ def adapted(
     if contraction is None:
         return method.output(x, y, Layer(get), leaves, spec, key)
     view = spec.matrix_layout
+    kernel = view.matrix(get("kernel"))
+    try:
+        bias = bias_rows(get("bias"), contraction, y.shape)
+    except ValueError as e:
+        raise ValueError(f"{what!r}: {e}") from None
+    xr, yr = contraction.x_rows(x), contraction.y_rows(y)
+    if not spec.stack:
+        layer = Layer({"kernel": kernel, "bias": bias}.get)
+        return contraction.y_from_rows(method.output(xr, yr, layer, leaves, spec, key), y.shape)
+    return contraction.y_from_rows(_batched(xr, yr, kernel, bias, leaves, spec, key), y.shape)
 
-    def get_matrix(name: str) -> Any:
-        v = get(name)
-        if name == "kernel":
-            return view.matrix(v)
-        if name == "bias" and v is not None:
-            try:
-                return bias_rows(v, contraction, y.shape)
-            except ValueError as e:
-                raise ValueError(f"{what!r}: {e}") from None
-        return v
 
-    out = method.output(
-        contraction.x_rows(x), contraction.y_rows(y), Layer(get_matrix), leaves, spec, key
+def _batched(
+    x: jax.Array,
+    y: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    leaves: dict[str, jax.Array],
+    spec: AdapterSpec,
+    key: jax.Array | None,
+) -> jax.Array:
+    """The method's output for a batched kernel (an einsum label in input, kernel and output:
+    MoE experts): one matrix and one adapter per index of the leading `spec.stack` axes of the
+    rows, the kernel's matrices and the leaves, mapped with `jax.vmap`."""
+    method = METHODS[spec.method]
+    stack = spec.stack
+    for name, v in method.regenerate(spec).items():  # per-matrix bases (NOLA), as merge has
+        leaves.setdefault(name, v)
+    sc = spec.scale
+    if isinstance(sc, jax.Array):  # a scanned layer's scales (GoRA), traced
+        scales = jnp.broadcast_to(sc.astype(jnp.float32), stack)
+    elif np.ndim(sc) > 0:  # one scale per matrix (GoRA)
+        scales = jnp.asarray(np.asarray(sc, np.float32)).reshape(stack)
+    else:
+        scales = None
+    lay = spec.matrix_layout.unstacked()
+    one = dataclasses.replace(
+        spec,
+        kernel_shape=tuple(
+            s for i, s in enumerate(spec.kernel_shape) if i not in spec.matrix_layout.stack
+        ),
+        layout=None if lay.is_plain else lay,
     )
-    return contraction.y_from_rows(out, y.shape)
+
+    def f(xb, yb, kb, bb, lb, sb):
+        s = one if sb is None else dataclasses.replace(one, scale=sb)
+        return method.output(xb, yb, Layer({"kernel": kb, "bias": bb}.get), lb, s, key)
+
+    batched_bias = bias is not None and bias.ndim > 1
+    for _ in stack:
+        f = jax.vmap(
+            f,
+            in_axes=(0, 0, 0, 0 if batched_bias else None, 0, None if scales is None else 0),
+        )
+    return f(x, y, kernel, bias, leaves, scales)

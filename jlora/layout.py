@@ -116,13 +116,16 @@ class KernelLayout:
         inverse = sorted(range(self.ndim), key=lambda i: self.order[i])
         return jnp.transpose(m.reshape(permuted), inverse)
 
-    def unstacked(self) -> KernelLayout:
-        """The layout of one stacked matrix's kernel (the stacked axes removed, the rest
-        renumbered): what a layer inside `nn.scan` sees."""
-        keep = sorted((*self.inputs, *self.outputs))
+    def unstacked(self, n: int | None = None) -> KernelLayout:
+        """The layout of one matrix's kernel without its first `n` stacked axes (default: all;
+        the rest renumbered): what a layer inside `nn.scan` sees (`n`: the scanned axes)."""
+        n = len(self.stack) if n is None else n
+        keep = sorted((*self.stack[n:], *self.inputs, *self.outputs))
         new = {a: i for i, a in enumerate(keep)}
         return KernelLayout(
-            (), tuple(new[a] for a in self.inputs), tuple(new[a] for a in self.outputs)
+            tuple(new[a] for a in self.stack[n:]),
+            tuple(new[a] for a in self.inputs),
+            tuple(new[a] for a in self.outputs),
         )
 
     def stacked(self, n: int) -> KernelLayout:
@@ -222,8 +225,6 @@ class Contraction:
 
     def unsupported(self) -> str | None:
         """Why the factored path cannot run this contraction (None if it can)."""
-        if self.batch:
-            return f"kernel labels {self.batch!r} index both input and output (a batched kernel)"
         if len(set(self.k)) != len(self.k) or len(set(self.x)) != len(self.x):
             return "a repeated label (a trace or diagonal)"
         rest_x = [c for c in self.x if c not in self.k]
@@ -233,40 +234,47 @@ class Contraction:
         return None
 
     @property
-    def _rest(self) -> str:
-        return "".join(c for c in self.y if c not in self.k)
+    def _lead(self) -> str:
+        """The labels of the rows' leading axes: the batch labels (kernel order), then y's
+        labels that are not the kernel's (y order)."""
+        return self.batch + "".join(c for c in self.y if c not in self.k)
 
     def x_rows(self, x: jax.Array) -> jax.Array:
-        """`x` as `(*rest, d_in)`: its other axes in y's order, then the inputs flattened."""
-        target = self._rest + self.inputs
+        """`x` as `(*batch, *rest, d_in)`: a batched kernel's axes first, x's other axes in y's
+        order, then the inputs flattened."""
+        target = self._lead + self.inputs
         if target != self.x:
             x = jnp.einsum(f"{self.x}->{target}", x)
-        return x.reshape(*x.shape[: len(self._rest)], -1)
+        return x.reshape(*x.shape[: len(self._lead)], -1)
 
     def y_rows(self, y: jax.Array) -> jax.Array:
-        """`y` as `(*rest, d_out)`."""
-        target = self._rest + self.outputs
+        """`y` as `(*batch, *rest, d_out)`."""
+        target = self._lead + self.outputs
         if target != self.y:
             y = jnp.einsum(f"{self.y}->{target}", y)
-        return y.reshape(*y.shape[: len(self._rest)], -1)
+        return y.reshape(*y.shape[: len(self._lead)], -1)
 
     def y_from_rows(self, rows: jax.Array, y_shape: Sequence[int]) -> jax.Array:
         """Inverse of `y_rows` for an output of shape `y_shape`."""
         size = dict(zip(self.y, y_shape, strict=True))
-        target = self._rest + self.outputs
+        target = self._lead + self.outputs
         y = rows.reshape(tuple(size[c] for c in target))
         return y if target == self.y else jnp.einsum(f"{target}->{self.y}", y)
 
 
 def bias_rows(bias: Any, contraction: Contraction, y_shape: Sequence[int]) -> Any:
-    """A layer's bias as a `(d_out,)` vector, if it is one value per output (None: no bias).
+    """A layer's bias as `(d_out,)` (one value per output) or `(*batch, d_out)` (per output of
+    each index of a batched kernel); None: no bias.
 
     Raises ValueError for a bias along other axes (DoRA cannot separate it from the matrix).
     """
     if bias is None:
         return None
     size = dict(zip(contraction.y, y_shape, strict=True))
-    want = tuple(size[c] for c in contraction.outputs)
-    if tuple(bias.shape) != want:
-        raise ValueError(f"a bias of shape {tuple(bias.shape)}, not one per output {want}")
-    return bias.reshape(-1)
+    out = tuple(size[c] for c in contraction.outputs)
+    batch = tuple(size[c] for c in contraction.batch)
+    if tuple(bias.shape) == out:
+        return bias.reshape(-1)
+    if batch and tuple(bias.shape) == batch + out:
+        return bias.reshape(*batch, -1)
+    raise ValueError(f"a bias of shape {tuple(bias.shape)}, not one per output {out}")

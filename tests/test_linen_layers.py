@@ -206,15 +206,24 @@ def test_a_targeted_layer_the_factored_path_cannot_run_is_named():
     base, ad = jlora.init(jlora.AdapterConfig(method="lora", rank=2), params)
     with pytest.raises(ValueError, match=r"layers_1/kernel.*_RawKernel"), jlora.inject(ad):
         model.apply({"params": base}, x)
-    moe = nn.Einsum((3, 8, 4), "ECD,EDF->ECF")
-    xe = jnp.ones((3, 5, 8))
-    pe = moe.init(jax.random.key(0), xe)["params"]
-    lay = jlora.linen.layouts(moe, xe)
-    assert lay["kernel"] == jlora.KernelLayout((0,), (1,), (2,))  # per-expert matrices
-    be, ade = jlora.init(jlora.AdapterConfig(method="lora", rank=2), pe, layouts=lay)
-    with pytest.raises(ValueError, match=r"'kernel'.*batched kernel"), jlora.inject(ade):
-        moe.apply({"params": be}, xe)
-    moe.apply({"params": jlora.merge(be, ade)}, xe)  # the merged path runs it
+
+
+@pytest.mark.parametrize("variant", ["lora", "gora", "nola", "dora"])
+def test_batched_kernels_run_one_adapter_per_index(variant):
+    """MoE experts: a kernel label in input, kernel and output (`Einsum("ECD,EDF->ECF")`,
+    `DenseGeneral(batch_dims=...)`) is a stacked axis, one adapter per expert."""
+    x = jax.random.normal(jax.random.key(3), (3, 5, 8))
+    for layer in (nn.Einsum((3, 8, 4), "ECD,EDF->ECF"), nn.DenseGeneral(4, batch_dims=(0,))):
+        params = layer.init(jax.random.key(0), x)["params"]
+        lay = jlora.linen.layouts(layer, x)
+        assert lay["kernel"] == jlora.KernelLayout((0,), (1,), (2,))  # per-expert matrices
+        extra = {"gora_rank_range": (1, 4)} if variant == "gora" else {}
+        base, ad = _init(variant, params, lay, **extra)
+        ad = _perturb(ad)
+        want = layer.apply({"params": jlora.merge(base, ad)}, x)
+        with jlora.inject(ad):
+            got = layer.apply({"params": base}, x)
+        assert rel_err(got, want) <= 1e-5, type(layer).__name__
 
 
 def test_training_steps_on_the_scanned_factored_path_lower_the_loss():

@@ -177,6 +177,20 @@ def test_detach_merges_and_saved_adapters_come_back(tmp_path):
         assert rel_err(again[p], k) <= 1e-6, p
 
 
+def test_an_nnx_moe_einsum_runs_one_adapter_per_expert():
+    layer = nnx.Einsum("ECD,EDF->ECF", (3, 8, 4), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (3, 5, 8))
+    assert jlora.nnx.layouts(layer) == {"kernel": jlora.KernelLayout((0,), (1,), (2,))}
+    cfg = jlora.AdapterConfig(method="lora", rank=2)
+    params = nnx.state(layer, nnx.Param)
+    base, ad = jlora.init(cfg, params, 0, layouts=jlora.nnx.layouts(layer))
+    ad = _perturb(ad)
+    graphdef, _ = nnx.split(layer)
+    want = nnx.merge(graphdef, jlora.merge(base, ad))(x)
+    jlora.nnx.attach(layer, ad)
+    assert rel_err(layer(x), want) <= 1e-5
+
+
 class RawKernel(nnx.Module):
     """A layer reading its own kernel."""
 

@@ -26,9 +26,9 @@ running only part of a model (an encoder without its head), and only warns when 
 A targeted module the factored path cannot run raises a ValueError naming it, never silently
 skipped: an adapter whose kernel shape differs from its module's (adapters made for another
 model), a module type other than the three above (e.g. a custom `nn.Module` reading its
-`kernel` directly; use the merged path, `model.apply({"params": jlora.merge(base, adapters)}, x)`),
-and an einsum whose kernel shares a label with both input and output (MoE experts: per-expert
-adapters, merged path only).
+`kernel` directly; use the merged path, `model.apply({"params": jlora.merge(base, adapters)}, x)`).
+An einsum whose kernel shares a label with both input and output (MoE experts) has one adapter
+per index of that axis (`jlora.factored`).
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
