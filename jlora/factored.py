@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,18 +41,22 @@ from jlora.methods import METHODS, Adapter, AdapterSpec, Layer
 PREFIX = "jlora_"
 # The per-matrix scale of a stacked adapter whose scale differs per matrix (GoRA).
 SCALE = PREFIX + "scale"
+# The flat index of each matrix in the stack, for methods that regenerate leaves (NOLA).
+INDEX = PREFIX + "index"
 
 
 def attached_leaves(adapter: Adapter) -> dict[str, jax.Array]:
     """What a layer's parameters carry for `adapter` so that a scan over the layers slices it:
-    every leaf (regenerable ones regenerated), and for a
+    every leaf, the flat matrix indices `jlora_index` for a method that regenerates leaves
+    (NOLA: each layer regenerates its own bases), and for a
     per-matrix scale (GoRA on stacked kernels) the scales as an array `jlora_scale`."""
     spec = adapter.spec
     leaves = dict(adapter.params)
-    if spec.stack:  # regenerated once per step (stacked, as for the spec), not once per layer
-        for name, x in METHODS[spec.method].regenerate(spec).items():
-            leaves.setdefault(name, x)
     out = {PREFIX + n: x for n, x in leaves.items()}
+    if spec.stack and jax.eval_shape(lambda: METHODS[spec.method].regenerate(spec)):
+        # Regenerable leaves (NOLA's bases) are regenerated inside each layer, as unrolled
+        # layers do: the layer needs its matrices' flat indices in the stack.
+        out[INDEX] = jnp.arange(math.prod(spec.stack), dtype=jnp.int32).reshape(spec.stack)
     if spec.stack and jnp.ndim(spec.scale_array()) > 0:
         out[SCALE] = jnp.asarray(spec.scale_array(), jnp.float32).reshape(spec.stack)
     return out
@@ -86,7 +91,8 @@ def layer_params(
             f"has a kernel of shape {tuple(inner_shape)}: adapters made for another model (or "
             "another config of it)?"
         )
-    leaves = {name.removeprefix(PREFIX): x for name, x in attached().items() if name != SCALE}
+    own = attached()
+    leaves = {n.removeprefix(PREFIX): x for n, x in own.items() if n not in (SCALE, INDEX)}
     missing = [name for name in adapter.params if name not in leaves]
     if missing:
         raise ValueError(
@@ -99,11 +105,13 @@ def layer_params(
     if jnp.ndim(spec.scale_array()) > 0:
         scale = get(SCALE)  # this layer's scales (an array over any remaining stacked axes)
     lay = view.unstacked(n)
+    info = spec.info if INDEX not in own else (*spec.info, ("matrix_index", own[INDEX]))
     one_spec = dataclasses.replace(
         spec,
         kernel_shape=tuple(inner_shape),
         layout=None if lay.is_plain else lay,
         scale=scale,
+        info=info,
     )
     return leaves, one_spec
 

@@ -76,10 +76,15 @@ def bases(spec: AdapterSpec) -> Leaves:
         }
 
     root = jax.random.key(spec.seed)
+    # Matrix i of a stacked kernel draws from fold_in(root, i) (row-major over the stacked
+    # axes). A slice of the stack (a layer inside nn.scan) carries its matrices' flat indices
+    # as info "matrix_index" (`jlora.factored`), so it regenerates exactly its own bases.
+    index = spec.get("matrix_index")
     if not spec.stack:
-        return one(root)
+        return one(root if index is None else jax.random.fold_in(root, index))
     n = math.prod(spec.stack)
-    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(n, dtype=jnp.uint32))
+    flat = jnp.arange(n) if index is None else jnp.reshape(index, (n,))
+    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(flat.astype(jnp.uint32))
     flat = jax.vmap(one)(keys)
     return {name: x.reshape(spec.stack + x.shape[1:]) for name, x in flat.items()}
 
