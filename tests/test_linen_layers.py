@@ -3,6 +3,8 @@ on the factored path, for every method, against the merged path."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,11 +61,26 @@ def _perturb(adapters, scale=0.1):
     return out
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["scanned", "unrolled"])
-def decoder(request):
-    model = tp.ScannedDecoder(scan=request.param)
+@functools.cache
+def _decoder(scan: bool):
+    model = tp.ScannedDecoder(scan=scan)
     params = model.init(jax.random.key(0), IDS)["params"]
     return model, params, jlora.linen.layouts(model, IDS)
+
+
+def cases(fast: tuple[str, ...]) -> list:
+    """(variant, scan) pairs: `fast` variants on scanned layers and LoRA unrolled run in
+    `make test`, the rest are slow."""
+    return [
+        pytest.param(
+            v,
+            scan,
+            marks=() if (scan and v in fast) or (not scan and v == "lora") else pytest.mark.slow,
+            id=f"{'scanned' if scan else 'unrolled'}-{v}",
+        )
+        for scan in (True, False)
+        for v in ALL
+    ]
 
 
 def test_layouts_come_from_the_modules_not_the_number_of_axes():
@@ -114,11 +131,9 @@ def test_multi_axis_update_is_one_rank_r_update_of_the_flattened_matrix():
 FAST = ("lora", "nola", "gora", "dora")
 
 
-@pytest.mark.parametrize(
-    "variant", [pytest.param(v, marks=() if v in FAST else pytest.mark.slow) for v in ALL]
-)
-def test_factored_path_matches_merged_outputs_and_gradients(decoder, variant):
-    model, params, layouts = decoder
+@pytest.mark.parametrize(("variant", "scan"), cases(FAST))
+def test_factored_path_matches_merged_outputs_and_gradients(variant, scan):
+    model, params, layouts = _decoder(scan)
     base, adapters = _init(
         variant, params, layouts, targets=".*(q_einsum|key|value|out|wi|wo)/kernel"
     )
@@ -208,7 +223,10 @@ def test_a_targeted_layer_the_factored_path_cannot_run_is_named():
         model.apply({"params": base}, x)
 
 
-@pytest.mark.parametrize("variant", ["lora", "gora", "nola", "dora"])
+@pytest.mark.parametrize(
+    "variant",
+    ["lora", "gora", *(pytest.param(v, marks=pytest.mark.slow) for v in ("nola", "dora"))],
+)
 def test_batched_kernels_run_one_adapter_per_index(variant):
     """MoE experts: a kernel label in input, kernel and output (`Einsum("ECD,EDF->ECF")`,
     `DenseGeneral(batch_dims=...)`) is a stacked axis, one adapter per expert."""

@@ -12,7 +12,15 @@ import pytest
 import thirdparty as tp
 from conftest import fake_grads, rel_err
 from flax import nnx
-from test_linen_layers import ALL, GRAD_METHODS, IDS, _perturb, assert_same_gradients, fp32_tol
+from test_linen_layers import (
+    ALL,
+    GRAD_METHODS,
+    IDS,
+    _perturb,
+    assert_same_gradients,
+    cases,
+    fp32_tol,
+)
 
 import jlora
 from jlora import persist, targets
@@ -60,10 +68,7 @@ def _leaf_grads(model) -> dict[tuple[str, str], jax.Array]:
     return value, out
 
 
-@pytest.mark.parametrize(
-    "variant", [pytest.param(v, marks=() if v in FAST else pytest.mark.slow) for v in ALL]
-)
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "list"])
+@pytest.mark.parametrize(("variant", "scan"), cases(FAST))
 def test_factored_path_matches_merged_outputs_and_gradients(variant, scan):
     model = _model(scan)
     _, base, adapters = _init(model, variant)

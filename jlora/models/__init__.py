@@ -8,7 +8,7 @@
 Example:
   >>> import jlora.models as jm
   >>> jm.preset("llama", "attention")
-  'model/layers_\\\\d+/self_attn/(q|k|v|o)_proj/kernel'
+  'model/layers(_\\\\d+)?/self_attn/(q|k|v|o)_proj/kernel'
 """
 
 from __future__ import annotations
