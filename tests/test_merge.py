@@ -105,7 +105,8 @@ def test_fuzz_init_merge(variant, stack, d_in, d_out, rank, seed):
     extra = {"gora_rank_range": (1, 3)} if VARIANTS[variant]["method"] == "gora" else {}
     cfg = make_config(variant, rank=rank, **extra)
     grads = {"m/kernel": jnp.cos(K)} if cfg.method == "gora" else None
-    base, adapters = jlora.init(cfg, params, jax.random.key(seed), grads=grads)
+    layouts = jlora.stacked_layouts(params)
+    base, adapters = jlora.init(cfg, params, jax.random.key(seed), grads=grads, layouts=layouts)
     a = adapters["m/kernel"]
     assert a.spec.kernel_shape == K.shape
     assert all(jnp.issubdtype(v.dtype, jnp.floating) for v in jax.tree.leaves(adapters))
