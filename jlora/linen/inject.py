@@ -193,6 +193,7 @@ def inject(
             leaves, spec = factored.layer_params(adapter, attached, get, inner, path)
         except ValueError as e:
             raise ValueError(f"jlora.inject: {e}") from None
+        key = factored.layer_key(key, spec)
         return factored.adapted(x, y, view, get, adapter, key, path, leaves=leaves, spec=spec)
 
     # An exception of the body propagates out of `yield`, so the checks below never mask it.

@@ -7,6 +7,11 @@ longer grows with depth. `stack_layers` / `unstack_layers` convert between the t
 checkpoint key maps and exports keep the per-layer layout); adapters on stacked kernels take
 `jlora.stacked_layouts(params)` and run factored through `jlora.linen.apply`.
 
+`scanned(model, params)` / `unscanned(model, params)` switch a jlora model and its weights
+between the two modes (what `train.py`'s `model.scan_layers` does after loading and before
+exporting or generating), and `unstack_adapters` turns adapters of stacked kernels into the
+per-layer adapters of the unrolled model (exactly: NOLA's slices keep their own bases).
+
 Example:
   >>> import jax.numpy as jnp
   >>> p = {"model": {"layers_0": {"w": jnp.zeros(2)}, "layers_1": {"w": jnp.ones(2)}}}
@@ -25,6 +30,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jlora import factored
+from jlora.adapters import Adapters
+
+# Where each jlora family keeps its layers: `<parent>/<name>_<i>`, stacked as `<parent>/<name>`.
+LAYERS = {"llama": ("model", "layers"), "bert": ("encoder", "layer")}
 
 
 def _layer_keys(node: Mapping[str, Any], name: str) -> list[str]:
@@ -56,3 +67,51 @@ def unstack_layers(params: Any, parent: str = "model", name: str = "layers") -> 
     rest = {k: v for k, v in node.items() if k != name}
     layers = {f"{name}_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
     return {**params, parent: {**rest, **layers}}
+
+
+def layers_of(model: Any) -> tuple[str, str]:
+    """`(parent, name)` of a jlora model's layers (`LAYERS` of its family)."""
+    family = getattr(model, "family", None)
+    if family not in LAYERS:
+        raise ValueError(
+            f"model={type(model).__name__}: scanned layers exist for jlora's families "
+            f"{sorted(LAYERS)}"
+        )
+    return LAYERS[family]
+
+
+def scanned(model: Any, params: Any) -> tuple[Any, Any]:
+    """`(model with scan_layers=True, its stacked params)` from an unrolled model's."""
+    return model.clone(scan_layers=True), stack_layers(params, *layers_of(model))
+
+
+def unscanned(model: Any, params: Any) -> tuple[Any, Any]:
+    """`(model with scan_layers=False, per-layer params)`: the inverse of `scanned`."""
+    return model.clone(scan_layers=False), unstack_layers(params, *layers_of(model))
+
+
+def unstack_adapters(adapters: Adapters, parent: str = "model", name: str = "layers") -> Adapters:
+    """Adapters of stacked `<parent>/<name>/...` kernels as the adapters of each layer's kernel
+    `<parent>/<name>_<i>/...` (`jlora.factored.unstack`); other adapters unchanged. The
+    unrolled model with these equals the scanned model with `adapters`.
+
+    Example:
+      >>> import jlora
+      >>> p = stack_layers({"model": {f"layers_{i}": {"q": {"kernel": jnp.ones((4, 4))}}
+      ...                             for i in range(2)}})
+      >>> _, ad = jlora.init(jlora.AdapterConfig(rank=2), p, 0, layouts=jlora.stacked_layouts(p))
+      >>> sorted(unstack_adapters(ad))
+      ['model/layers_0/q/kernel', 'model/layers_1/q/kernel']
+    """
+    out = {}
+    for path, adapter in adapters.items():
+        keys = path.split("/")
+        at = next(
+            (j for j in range(len(keys) - 1) if keys[j] == parent and keys[j + 1] == name), None
+        )
+        if at is None or not adapter.spec.stack:
+            out[path] = adapter
+            continue
+        for i, one in enumerate(factored.unstack(adapter)):
+            out["/".join([*keys[: at + 1], f"{name}_{i}", *keys[at + 2 :]])] = one
+    return out

@@ -57,6 +57,12 @@ class ModelConfig:
     # "full" recomputes each layer in the backward pass, "dots" keeps the matmul outputs and
     # recomputes the rest (see jlora.models.remat). Memory and time only; same numbers.
     remat: str = "none"
+    # Run the layers under `nn.scan` (`jlora.models.scan`): one layer is compiled instead of
+    # every layer, so compile time stops growing with depth (SmolLM2's 30 layers: a LoRA step
+    # compiles 2.6x faster, NOLA's 5.8x; BENCHMARKS.md k). The weights are stacked after
+    # loading; exports and generation (GSM8K evaluation) use the per-layer layout, as an
+    # unscanned run's. Not with model.quantize (quantized kernels are per layer).
+    scan_layers: bool = False
     # Keep the frozen base's dense kernels quantized (jlora.quant): "none", "nf4" (4-bit
     # NormalFloat blocks of 64, as bitsandbytes), "int8" (one absmax per output channel),
     # "q4_0" / "q4_1" / "q8_0" (llama.cpp's blocks of 32), or "gguf" (a .gguf source's own
@@ -229,6 +235,13 @@ def _validate(cfg: RunConfig) -> None:
         q == "none" or not t.full_finetune,
         q,
         "'none' with train.full_finetune=true (full fine-tuning trains the base itself)",
+    )
+    _check(
+        "model.scan_layers",
+        not cfg.model.scan_layers or q == "none",
+        cfg.model.scan_layers,
+        "false with model.quantize (quantized kernels are stored per layer; stacking them for "
+        "nn.scan is not supported)",
     )
     n = cfg.model.loftq_iters
     _check("model.loftq_iters", n >= 0, n, "an integer >= 0")

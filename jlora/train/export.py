@@ -107,6 +107,9 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> path
     setup, trainable, meta = restore_run(run)
     out = pathlib.Path(out)
     params, adapters = setup.assemble(trainable)
+    # A run that scanned its layers exports the per-layer layout, as an unscanned run does.
+    model, params, adapters = setup.unscanned(params, adapters)
+    initial = setup.per_layer(setup.initial_adapters)
     head = trainable.get("head") or None
     info = {"run": str(run), "step": meta["step"], "method": setup.cfg.method}
     if fmt == "merged":
@@ -115,17 +118,17 @@ def export_run(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> path
         merged = jlora.merge(params, adapters) if adapters else params
         if head:
             merged = {**merged, **jax.tree.map(lambda x: x.astype(jnp.float32), head)}
-        path = jm.save_hf(out, setup.model, merged, setup.tokenizer)
+        path = jm.save_hf(out, model, merged, setup.tokenizer)
     elif setup.acfg is None:
         raise ValueError(f"--format {fmt}: a full fine-tune has no adapters; use --format merged")
     elif fmt == "jlora":
         path = persist.save_adapters(out, adapters, setup.acfg, extra_params=head, metadata=info)
     else:
         path = jpeft.to_peft(
-            setup.model,
+            model,
             adapters,
             out,
-            initial_adapters=setup.initial_adapters,
+            initial_adapters=initial,
             rewritten=setup.cfg.model.loftq_iters > 0,  # LoftQ rewrote every target's kernel
             extra_params=head,
             base_model_name_or_path=setup.cfg.model.source,

@@ -53,6 +53,7 @@ import jlora
 import jlora.models as jm
 from jlora import quant, sharding
 from jlora.errors import ConfigError, UserError, exception_line
+from jlora.models import scan
 from jlora.models.abstract import count, load_abstract
 from jlora.sharding import P
 from jlora.train import setup as setup_lib
@@ -332,6 +333,12 @@ def plan(
     num_labels = len(tasks.SST2_LABELS) if cfg.task == "sst2" else None
     model, base = load_abstract(cfg.model.source, dtype=dtype, num_labels=num_labels)
     model = model.clone(remat=cfg.model.remat)
+    layouts = None
+    if cfg.model.scan_layers:
+        where = scan.layers_of(model)
+        model = model.clone(scan_layers=True)
+        base = jax.eval_shape(lambda b: scan.stack_layers(b, *where), base)
+        layouts = jlora.stacked_layouts(base)
     rules = jm.sharding_rules(model)
     base_specs = sharding.param_specs(base, rules, sizes)
     f32 = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), tree)  # noqa: E731
@@ -343,7 +350,7 @@ def plan(
         adapter_bytes = 0
     else:
         acfg = setup_lib.adapter_config(cfg, model)
-        adapters = jlora.abstract_init(acfg, base, t.seed)
+        adapters = jlora.abstract_init(acfg, base, t.seed, layouts=layouts)
         kernels = {p: s for p, s in jlora.targets.flatten(base_specs).items() if p in adapters}
         ad_specs = sharding.adapter_specs(adapters, kernels, sizes)
         heads = [k for k in tasks.HEAD_MODULES if k in base] if _train_head(cfg) else []

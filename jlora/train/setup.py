@@ -35,6 +35,7 @@ import jlora.models as jm
 from jlora import persist, quant, sharding
 from jlora.errors import ConfigError
 from jlora.methods import METHODS, Adapter
+from jlora.models import scan
 from jlora.train import tasks
 from jlora.train.config import QUANTIZE, RunConfig, check_adapter
 from jlora.train.placement import Placement
@@ -201,6 +202,8 @@ class Setup:
                 f"model.source={cfg.model.source!r} has none: use one of {QUANTIZE[2:]}"
             )
         self.model = self.model.clone(remat=cfg.model.remat)
+        if cfg.model.scan_layers:  # stacked weights, one compiled layer (jlora.models.scan)
+            self.model, params = scan.scanned(self.model, params)
         self.place = Placement(mesh, jm.sharding_rules(self.model))
         params = self.place.base(params)
         self.data = tasks.build_data(cfg, self.tokenizer, t.seed, rows=rows) if need_data else None
@@ -228,7 +231,9 @@ class Setup:
                 )
                 log.info("LoftQ: %d alternations of the %s base and the adapters", loftq, fmt)
             else:
-                base, adapters = jlora.init(self.acfg, params, key, grads=grads)
+                base, adapters = jlora.init(
+                    self.acfg, params, key, grads=grads, layouts=self.layouts(params)
+                )
         base = self.place.base(base)  # an init may have rewritten it (PiSSA's residual)
         adapters = self.place.adapters(adapters, base)
         self.initial_adapters = adapters
@@ -242,6 +247,26 @@ class Setup:
             frozen_base = self.place.base(frozen_base)
             log.info("frozen base kernels (the residual) quantized as %s", fmt)
         self.frozen = {"adapters": frozen, "base": frozen_base}
+
+    def layouts(self, params: Any) -> dict[str, jlora.KernelLayout] | None:
+        """The kernel layouts of a scanned model's stacked kernels (None: unrolled)."""
+        return jlora.stacked_layouts(params) if self.cfg.model.scan_layers else None
+
+    def unscanned(self, params: Any, adapters: Any) -> tuple[Any, Any, Any]:
+        """`(model, params, adapters)` in the per-layer layout (exports, generation): the
+        unrolled model with unstacked weights and per-layer adapters when the run scans its
+        layers, else the run's own."""
+        if not self.cfg.model.scan_layers:
+            return self.model, params, adapters
+        model, params = scan.unscanned(self.model, params)
+        return model, params, self.per_layer(adapters)
+
+    def per_layer(self, adapters: Any) -> Any:
+        """`adapters` of the per-layer layout (`jlora.models.scan.unstack_adapters` when the run
+        scans its layers)."""
+        if not self.cfg.model.scan_layers:
+            return adapters
+        return scan.unstack_adapters(adapters, *scan.layers_of(self.model))
 
     @property
     def _train_head(self) -> bool:

@@ -30,7 +30,9 @@ import numpy as np
 from jlora import data as jdata
 from jlora.data import checks, metamath
 from jlora.errors import ConfigError
+from jlora.linen.attach import attach
 from jlora.linen.inject import inject
+from jlora.models import scan
 from jlora.models.generate import generate
 from jlora.train.distributed import to_host
 
@@ -197,18 +199,31 @@ def build_data(
     return TaskData(train_batches, eval_batches, train, micro, tuple(d.buckets), pad)
 
 
+def variables(model: Any, params: Any, adapters: Any) -> dict[str, Any]:
+    """What `model.apply` takes under `jlora.inject(adapters)`: `{"params": params}`, with the
+    adapters' leaves attached to their layers when the layers are scanned
+    (`model.scan_layers`), so that the scan slices them per layer (`jlora.linen.attach`)."""
+    if getattr(model, "scan_layers", False) and adapters:
+        return attach({"params": params}, adapters)
+    return {"params": params}
+
+
 def loss_fn(cfg: Any, model: Any) -> Callable[..., jax.Array]:
     """`loss(params, adapters, batch, rng)`; `params` already holds the trained head."""
     smoothing = cfg.train.label_smoothing
 
     def classification(params, adapters, batch, rng):
         with inject(adapters, rng=rng):
-            logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+            logits = model.apply(
+                variables(model, params, adapters), batch["input_ids"], batch["attention_mask"]
+            )
         return cross_entropy(logits, batch["label"], label_smoothing=smoothing)
 
     def causal_lm(params, adapters, batch, rng):
         with inject(adapters, rng=rng):
-            logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+            logits = model.apply(
+                variables(model, params, adapters), batch["input_ids"], batch["attention_mask"]
+            )
         # Position i predicts token i+1; loss_mask marks answer tokens (targets).
         targets = batch["input_ids"][:, 1:]
         weights = batch["loss_mask"][:, 1:]
@@ -235,7 +250,7 @@ def _accuracy(model: Any, batches: Any, params: Any, adapters: Any) -> float:
     @jax.jit
     def predict(params, adapters, ids, mask):
         with inject(adapters):
-            return model.apply({"params": params}, ids, mask)
+            return model.apply(variables(model, params, adapters), ids, mask)
 
     correct = total = 0.0
     batches.restore({"epoch": 0, "position": 0})
@@ -247,6 +262,10 @@ def _accuracy(model: Any, batches: Any, params: Any, adapters: Any) -> float:
 
 
 def _gsm8k(cfg, model, tokenizer, prompts, params, adapters):
+    if getattr(model, "scan_layers", False):  # generation needs per-layer key/value caches
+        where = scan.layers_of(model)
+        model, params = scan.unscanned(model, params)
+        adapters = scan.unstack_adapters(adapters, *where)
     bs, pad = cfg.train.eval_batch_size, _pad_id(tokenizer)
     hits = 0
     for start in range(0, len(prompts), bs):

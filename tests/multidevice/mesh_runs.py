@@ -90,8 +90,11 @@ def base_config(family: str, source: str) -> dict:
     }
 
 
-def run_config(family: str, source: str, method: str, mesh: tuple[int, ...]) -> config.RunConfig:
+def run_config(
+    family: str, source: str, method: str, mesh: tuple[int, ...], scan_layers: bool = False
+) -> config.RunConfig:
     raw = base_config(family, source)
+    raw["model"]["scan_layers"] = scan_layers
     raw["train"].update(
         steps=5, log_every=1, eval_every=0, learning_rate=1e-4, prepass_batches=2, seed=0
     )
@@ -116,7 +119,9 @@ def main() -> int:
     ap.add_argument("--family", choices=("llama", "bert"), required=True)
     ap.add_argument("--methods", required=True)
     ap.add_argument("--resume-check", action="store_true")
+    ap.add_argument("--scan-layers", action="store_true", help="model.scan_layers=true")
     args = ap.parse_args()
+    scan = args.scan_layers
     assert jax.device_count() == 8, jax.devices()
     # A micro-batch that does not split over data × fsdp is refused, naming the fields.
     bad = dataclasses.replace(
@@ -134,7 +139,7 @@ def main() -> int:
     for method in args.methods.split(","):
         one = tmp / f"{method}-1"
         loop.run(
-            run_config(args.family, source, method, (1, 1, 1)),
+            run_config(args.family, source, method, (1, 1, 1), scan),
             one,
             progress=False,
             devices=jax.devices()[:1],
@@ -143,24 +148,27 @@ def main() -> int:
         runs = {shape: None for shape in MESHES}
         for shape in MESHES:
             out = tmp / f"{method}-{'x'.join(map(str, shape))}"
-            loop.run(run_config(args.family, source, method, shape), out, progress=False)
+            loop.run(run_config(args.family, source, method, shape, scan), out, progress=False)
             runs[shape] = losses(out)
         if args.resume_check:
             out = tmp / f"{method}-resumed"
             loop.run(
-                run_config(args.family, source, method, (2, 4, 1)),
+                run_config(args.family, source, method, (2, 4, 1), scan),
                 out,
                 progress=False,
                 stop_after=3,
             )
             loop.run(
-                run_config(args.family, source, method, (4, 2, 1)), out, progress=False, resume=True
+                run_config(args.family, source, method, (4, 2, 1), scan),
+                out,
+                progress=False,
+                resume=True,
             )
             runs["(2,4,1) saved at 3, resumed on (4,2,1)"] = losses(out)
         for shape, got in runs.items():
             diff = float(np.max(np.abs(np.asarray(got) - want))) if len(got) == len(want) else None
             row = {
-                "family": args.family,
+                "family": args.family + (" scanned" if scan else ""),
                 "method": method,
                 "mesh": str(shape),
                 "losses": got,
