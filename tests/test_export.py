@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -302,6 +303,28 @@ def test_the_core_imports_no_model_family():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+def test_the_core_knows_no_module_system():
+    """Issue 15's layout: the core (`jlora/*.py` but the package's `__init__`, `jlora.methods`,
+    `jlora.quant`) imports neither Flax's module systems nor jlora's wings at module level; what
+    knows Linen or NNX lives in `jlora/linen/` and `jlora/nnx/`."""
+    import ast
+
+    root = pathlib.Path(jlora.__file__).parent
+    core = [p for p in root.glob("*.py") if p.name != "__init__.py"]
+    core += [*root.glob("methods/*.py"), *root.glob("quant/*.py")]
+    wings = ("flax.linen", "flax.nnx", "jlora.linen", "jlora.nnx")
+    found = []
+    for path in core:
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n.startswith(wings)]
+    assert len(core) > 15 and found == []
 
 
 def test_jlora_export_is_a_deprecated_alias():

@@ -68,14 +68,14 @@ def _decoder(scan: bool):
     return model, params, jlora.linen.layouts(model, IDS)
 
 
-def cases(fast: tuple[str, ...]) -> list:
-    """(variant, scan) pairs: `fast` variants on scanned layers and LoRA unrolled run in
-    `make test`, the rest are slow."""
+def cases(fast: tuple[str, ...], unrolled: tuple[str, ...] = ("lora",)) -> list:
+    """(variant, scan) pairs: `fast` variants on scanned layers and `unrolled` ones on unrolled
+    layers run in `make test`, the rest are slow."""
     return [
         pytest.param(
             v,
             scan,
-            marks=() if (scan and v in fast) or (not scan and v == "lora") else pytest.mark.slow,
+            marks=() if v in (fast if scan else unrolled) else pytest.mark.slow,
             id=f"{'scanned' if scan else 'unrolled'}-{v}",
         )
         for scan in (True, False)
@@ -128,10 +128,13 @@ def test_multi_axis_update_is_one_rank_r_update_of_the_flattened_matrix():
         assert rel_err(got, want) <= 1e-5
 
 
-FAST = ("lora", "nola", "gora", "dora")
+# `make test` keeps GoRA (per-layer ranks and scales) and DoRA (a norm over the kernel) on the
+# scanned Linen decoder; NOLA's per-layer bases run fast in tests/test_nnx.py, LoRA's in the
+# dropout test of tests/test_scan_layers.py; everything else is slow.
+FAST = ("gora", "dora")
 
 
-@pytest.mark.parametrize(("variant", "scan"), cases(FAST))
+@pytest.mark.parametrize(("variant", "scan"), cases(FAST, unrolled=()))
 def test_factored_path_matches_merged_outputs_and_gradients(variant, scan):
     model, params, layouts = _decoder(scan)
     base, adapters = _init(

@@ -137,7 +137,9 @@ def test_tensor_and_fsdp_split_the_base_and_the_adapters_follow():
     assert p.per_device["optimizer"] == pytest.approx(2 * p.per_device["adapters"], rel=1e-4)
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4", pytest.param("scan", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "quantize", ["none", *(pytest.param(q, marks=pytest.mark.slow) for q in ("nf4", "scan"))]
+)
 def test_compiled_plan_is_the_real_step(quantize):
     """The plan, compiled from abstract shapes, has exactly the buffer assignment of the step
     train.py compiles from the loaded model and a real batch (and, with the base kept as NF4,

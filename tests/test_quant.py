@@ -377,6 +377,7 @@ def test_config_refuses_an_unknown_format_and_full_fine_tuning():
         config.from_dict({"model": {"quantize": "nf4"}, "train": {"full_finetune": True}})
 
 
+@pytest.mark.slow  # 46 s; tests/test_quant_base.py's run quantized at load stays fast
 def test_a_run_on_an_nf4_base_resumes_and_exports_what_it_trained(tmp_path):
     """PiSSA (its residual kernel is what gets quantized) on the stories260K Llama kept as NF4:
     the frozen base is quantized, a run stopped at 2 and resumed has the uninterrupted losses,

@@ -417,7 +417,8 @@ def test_a_loftq_run_starts_close_and_exports_for_the_original_base(tmp_path):
         )
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("pissa", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 22 s per method; test_a_gguf_loads_with_its_blocks_kept stays fast
+@pytest.mark.parametrize("method", ["lora", "pissa"])
 def test_a_run_on_gguf_blocks_resumes_and_exports(tmp_path, method):
     """train.py with `model.quantize=gguf` on a GGUF whose layers are Q4_0 / Q4_1 / Q8_0: the
     blocks are kept (PiSSA's residual requantized in each kernel's own format), a stopped and

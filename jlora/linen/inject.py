@@ -7,9 +7,10 @@ forming ΔK). A multi-axis `DenseGeneral` or `Einsum` is adapted as the matrix t
 contracted and its free kernel axes (`jlora.layout`): `x` and `y` are rearranged into rows of
 that matrix around the low-rank product. A dense layer whose kernel is kept quantized
 (`jlora.quant.QuantizedKernel`) runs on it, targeted or not, dequantizing inside the call
-(`jlora.quant.dense`). The model's code is not touched, so it works for third-party Linen models
-too. The adapter of a module at `module.path == ("enc", "q")` is the one keyed `"enc/q/kernel"`
-(or `"params/enc/q/kernel"` if the adapters were made from a whole variables dict).
+(`jlora.linen.quant.dense`). The model's code is not touched, so it works for third-party Linen
+models too. The adapter of a module at `module.path == ("enc", "q")` is the one keyed
+`"enc/q/kernel"` (or `"params/enc/q/kernel"` if the adapters were made from a whole variables
+dict).
 
 Scanned layers (`nn.scan`): a layer inside the scan sees one slice of its stacked kernel, and the
 interceptor cannot know which. The scan itself slices the adapter when its leaves travel in the
@@ -55,6 +56,7 @@ import jax
 from jlora import factored, quant, targets
 from jlora.adapters import Adapters
 from jlora.layout import Contraction
+from jlora.linen import quant as linen_quant
 
 _SHOWN = 3  # unmatched adapters named in the strict-mode error
 
@@ -161,10 +163,10 @@ def inject(
                 _check_module(module, hit[0])
             return next_fun(*args, **kwargs)
         ran["/".join((*module.path, "kernel"))] = None
-        quantized = quant.kernel.quantized_kernel_of(module)  # a frozen base kept quantized
+        quantized = linen_quant.quantized_kernel_of(module)  # a frozen base kept quantized
         if hit is None:
             if quantized is not None:
-                return quant.dense(module, args[0] if args else kwargs["inputs"], quantized)
+                return linen_quant.dense(module, args[0] if args else kwargs["inputs"], quantized)
             return next_fun(*args, **kwargs)
         path, adapter = hit
         x = args[0] if args else kwargs["inputs"]
@@ -174,7 +176,11 @@ def inject(
                 f"jlora.inject: {type(module).__name__} at {path!r}: {reason}; the factored "
                 "path cannot run it. Use the merged path (jlora.merge)"
             )
-        y = next_fun(*args, **kwargs) if quantized is None else quant.dense(module, x, quantized)
+        y = (
+            next_fun(*args, **kwargs)
+            if quantized is None
+            else linen_quant.dense(module, x, quantized)
+        )
         key = None if rng is None else jax.random.fold_in(rng, targets.stable_hash(path))
         used.add(path)
 

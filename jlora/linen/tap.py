@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora import gradstats, quant, targets
+from jlora import gradstats, targets
+from jlora.linen import quant as linen_quant
 from jlora.linen.inject import last_axis_matmul
 
 
@@ -78,5 +79,5 @@ def _plain_dense(module: nn.Module) -> bool:
 def tap(probes: dict[str, jax.Array], tapped: set[str]) -> Iterator[None]:
     """Within this context, Linen layers run quantized kernels dequantized and targeted plain
     Dense layers route their kernel gradient through `probes`."""
-    with quant.dequantizing(), nn.intercept_methods(_interceptor(probes, tapped)):
+    with linen_quant.dequantizing(), nn.intercept_methods(_interceptor(probes, tapped)):
         yield

@@ -1,5 +1,5 @@
 """jlora's NNX wing: adapters inside `flax.nnx` models (`adapt`, `attach`, `detach`,
-`adapters`, `optimizer`) and kernel `layouts` read from the layers.
+`adapters`, `optimizer`, adapter `dropout`) and kernel `layouts` read from the layers.
 
 Everything here knows NNX's module system; the pytree math it calls (`jlora.adapters`,
 `jlora.layout`, `jlora.factored`) does not. On the state, the functional API applies as is:
@@ -16,6 +16,7 @@ from jlora.nnx.adapt import (
     adapters,
     attach,
     detach,
+    dropout,
     optimizer,
 )
 from jlora.nnx.layers import layouts
@@ -29,6 +30,7 @@ __all__ = [
     "adapters",
     "attach",
     "detach",
+    "dropout",
     "layouts",
     "optimizer",
 ]

@@ -13,6 +13,13 @@ where it was), a `nnx.vmap`-stacked layer's leaves are stacked too, so `nnx.scan
 the layer, and `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` trains exactly the trainable leaves.
 `detach` takes them out again (optionally merged into the kernels).
 
+Adapter dropout (adapters made with `dropout > 0`) runs only inside `with
+jlora.nnx.dropout(key):`, as `jlora.inject(adapters, rng=key)` does on the Linen path: each
+layer folds its path (and, inside `nnx.scan`, its layer index) into the key, so every layer and
+step draws its own mask; calls outside the block (evaluation) apply no dropout. A key rather
+than an `nnx.Rngs` stream keeps the layers stateless, so the same code runs under `nnx.jit`,
+`nnx.scan` and a pure-function loop (pass a fresh key each step, e.g. `fold_in(key, step)`).
+
 Example:
   >>> import jax.numpy as jnp, optax, jlora
   >>> from flax import nnx
@@ -28,7 +35,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -42,6 +51,37 @@ from jlora.methods import Adapter, AdapterSpec
 from jlora.nnx.layers import contraction, layouts, modules
 
 _SPEC, _PATH, _NAMES = "jlora_spec", "jlora_path", "jlora_names"
+
+
+# The key of `dropout(key)`, read by every adapted layer's call (None: no adapter dropout).
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "jlora_nnx_dropout", default=None
+)
+
+
+@contextlib.contextmanager
+def dropout(key: jax.Array | int | None) -> Iterator[None]:
+    """Adapter dropout for the adapted layers called inside the block (see the module
+    docstring); `key` may be traced (the jitted step's `fold_in(key, step)`), None turns it off.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> from flax import nnx
+      >>> model = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+      >>> _ = jlora.nnx.adapt(model, jlora.AdapterConfig(rank=2, dropout=0.5), 0)
+      >>> x = jnp.ones((2, 8))
+      >>> with jlora.nnx.dropout(jax.random.key(1)):
+      ...     y = model(x)
+      >>> y.shape
+      (2, 8)
+    """
+    if key is not None and not isinstance(key, jax.Array):
+        key = jax.random.key(key)
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
 
 
 class Frozen(nnx.Variable):
@@ -65,7 +105,10 @@ def _call(self: nnx.Module, base_call: Any, inputs: jax.Array, args: Any, kwargs
         raise ValueError(f"jlora.nnx: {type(self).__name__} at {path!r}: {reason}")
     kernel_shape = tuple(self.kernel[...].shape)
     leaves, one = factored.layer_params(adapter, lambda: own, get, kernel_shape, path)
-    return factored.adapted(inputs, y, view, get, adapter, None, path, leaves=leaves, spec=one)
+    key = _DROPOUT_KEY.get() if spec.dropout > 0 else None
+    if key is not None:  # per target, and per layer inside a scan
+        key = factored.layer_key(jax.random.fold_in(key, targets.stable_hash(path)), one)
+    return factored.adapted(inputs, y, view, get, adapter, key, path, leaves=leaves, spec=one)
 
 
 def _attached(module: nnx.Module) -> dict[str, jax.Array]:
@@ -112,8 +155,7 @@ def attach(model: nnx.Module, adapters: Adapters) -> None:
 
     Raises:
       ValueError: an adapter whose kernel is not a Linear / LinearGeneral / Einsum of `model`
-        (named, with the layer's type), of another shape, or with adapter dropout (the NNX path
-        has no dropout yet: set `dropout=0`).
+        (named, with the layer's type), or of another shape.
     """
     layers = modules(model)
     for path, adapter in adapters.items():
@@ -134,11 +176,6 @@ def attach(model: nnx.Module, adapters: Adapters) -> None:
             raise ValueError(
                 f"jlora.nnx.attach: {path!r} has a kernel of shape "
                 f"{tuple(module.kernel[...].shape)}, the adapter is for {spec.kernel_shape}"
-            )
-        if spec.dropout > 0:
-            raise ValueError(
-                f"jlora.nnx.attach: adapter dropout {spec.dropout} on {path!r}: the NNX factored "
-                "path has no dropout; make the adapters with dropout=0"
             )
         _remove(module)
         trainable = set(spec.trainable)

@@ -7,7 +7,8 @@ Each format is a pytree of arrays (`NF4Blocks`, `Int8Channels`, `GGMLBlocks`), s
 through `jit`, `jax.tree` functions and orbax like any parameter; `quantize` / `dequantize` are
 jittable.
 `QuantizedKernel` keeps a frozen kernel quantized inside a parameter tree (`quantize_params`);
-`jlora.inject` and `dequantizing()` run Linen dense layers on it, dequantizing inside each call.
+`jlora.inject` and `dequantizing()` (the Linen wing's `jlora.linen.quant`) run Linen dense
+layers on it, dequantizing inside each call.
 
 Example:
   >>> import jax.numpy as jnp
@@ -28,9 +29,7 @@ from jlora.quant.kernel import (
     FROZEN_KERNELS,
     QuantizedKernel,
     data_roles,
-    dense,
     dequantize_params,
-    dequantizing,
     is_quantized,
     kernel_sharding,
     quantize_kernel,
@@ -61,3 +60,13 @@ __all__ = [
     "quantize_like",
     "quantize_params",
 ]
+
+
+def __getattr__(name: str):
+    """`dense` and `dequantizing` live in the Linen wing (`jlora.linen.quant`); imported on first
+    use, so the core does not import Flax's module system."""
+    if name in ("dense", "dequantizing"):
+        from jlora.linen import quant as linen_quant
+
+        return getattr(linen_quant, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""A frozen kernel kept quantized inside a parameter tree, and the dense layers that run on it.
+"""A frozen kernel kept quantized inside a parameter tree.
 
 `QuantizedKernel` wraps a format's storage (`NF4Blocks`, `Int8Channels`, `GGMLBlocks`) with the
 kernel's shape and dtype; it is a pytree (its arrays are the leaves), so a parameter tree holding
@@ -11,39 +11,29 @@ GGML blocks those of a GGUF file; their arrays lead with the output axis, so the
 (and along the input axis by whole blocks) like the kernel: `data_roles` names each array axis's
 kernel axis for `jlora.sharding`.
 
-A Linen `nn.Dense` cannot read such a kernel itself; `dense(module, x, kernel)` computes what the
-layer would with the dequantized kernel (the same dtype promotion, dot_general and precision),
-dequantizing inside the call, so the full-precision kernel only ever exists as a temporary of
-one layer. `jlora.inject` does this for every quantized kernel it meets (with or without an
-adapter), and `dequantizing()` does it for a plain `model.apply`.
+A layer cannot read such a kernel itself: the Linen wing (`jlora.linen.quant`: `dense`,
+`dequantizing`, and `jlora.inject`) runs dense layers on it, dequantizing inside each call.
 
 Example:
-  >>> import jax, jax.numpy as jnp, flax.linen as nn
-  >>> model = nn.Dense(64)
-  >>> params = model.init(jax.random.key(0), jnp.ones((1, 64)))["params"]
+  >>> import jax.numpy as jnp
+  >>> params = {"fc": {"kernel": jnp.linspace(-1.0, 1.0, 64 * 64).reshape(64, 64)}}
   >>> q = quantize_params(params, "nf4")
-  >>> type(q["kernel"]).__name__, q["kernel"].shape
+  >>> type(q["fc"]["kernel"]).__name__, q["fc"]["kernel"].shape
   ('QuantizedKernel', (64, 64))
-  >>> with dequantizing():
-  ...     y = model.apply({"params": q}, jnp.ones((1, 64)))
-  >>> want = model.apply({"params": dequantize_params(q)}, jnp.ones((1, 64)))
-  >>> bool(jnp.all(y == want))
-  True
+  >>> back = dequantize_params(q)["fc"]["kernel"]
+  >>> round(float(jnp.abs(back - params["fc"]["kernel"]).max()), 3)  # 4 bits
+  0.151
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
-from jax import lax
 
 from jlora.quant import ggml, int8, nf4
 
@@ -52,9 +42,7 @@ __all__ = [
     "FROZEN_KERNELS",
     "QuantizedKernel",
     "data_roles",
-    "dense",
     "dequantize_params",
-    "dequantizing",
     "is_quantized",
     "kernel_sharding",
     "quantize_kernel",
@@ -218,56 +206,3 @@ def dequantize_params(params: Any) -> Any:
     return jax.tree.map(
         lambda x: x.dequantize() if is_quantized(x) else x, params, is_leaf=is_quantized
     )
-
-
-def dense(module: nn.Dense | nn.DenseGeneral, x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
-    """What `module(x)` computes with `kernel` dequantized (a last-axis matmul module).
-
-    The dequantize-and-multiply is rematerialised (`jax.checkpoint`), as bitsandbytes'
-    `MatMul4Bit` does: the backward pass dequantizes the kernel again for the input gradient
-    rather than keeping the forward's copy of every layer's kernel until then. (XLA:CPU's buffer
-    assignment holds all dequantized kernels at once with or without it; BENCHMARKS.md j.)
-    """
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    dot_general = lax.dot_general
-    if getattr(module, "dot_general_cls", None) is not None:
-        dot_general = module.dot_general_cls()
-    elif getattr(module, "dot_general", None) is not None:
-        dot_general = module.dot_general
-
-    @jax.checkpoint
-    def matmul(x: jax.Array, kernel: QuantizedKernel) -> jax.Array:
-        x, w = module.promote_dtype(x, kernel.dequantize(), dtype=module.dtype)
-        return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
-
-    y = matmul(x, kernel)
-    if bias is not None:
-        (bias,) = module.promote_dtype(bias, dtype=module.dtype)
-        y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y
-
-
-def quantized_kernel_of(module: nn.Module) -> QuantizedKernel | None:
-    """The module's quantized kernel, or None (no kernel yet, or a plain one)."""
-    if not isinstance(module, nn.Dense | nn.DenseGeneral):
-        return None
-    if not module.has_variable("params", "kernel"):
-        return None
-    k = module.get_variable("params", "kernel")
-    return k if is_quantized(k) else None
-
-
-@contextlib.contextmanager
-def dequantizing() -> Iterator[None]:
-    """Within this context, every Linen dense layer whose kernel is a `QuantizedKernel` runs on
-    it (dequantized inside the call). `jlora.inject` does the same by itself."""
-
-    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
-        if context.method_name == "__call__":
-            q = quantized_kernel_of(context.module)
-            if q is not None:
-                return dense(context.module, args[0] if args else kwargs["inputs"], q)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        yield
