@@ -6,7 +6,8 @@
 - `checks`: rows against what a task reads (columns, labels, GSM8K final answers); problems
   with the data are `jlora.errors.DataError`s naming the file and line;
 - `encode_classification`, `encode_sft`, `encode_prompts`: rows to token arrays;
-- `extract_answer`, `exact_match`: GSM8K final-answer scoring;
+- `extract_answer`, `exact_match`: GSM8K final-answer scoring (values); `harness`: the same
+  scored as lm-evaluation-harness's `gsm8k` task (strict-match, flexible-extract);
 - `Batcher`: length-bucketed, fixed-shape numpy batches with resumable shuffling;
 - `collate`, `next_token_targets`: padding and the shifted causal-LM targets.
 
@@ -21,7 +22,7 @@ Example:
   (['attention_mask', 'index', 'input_ids', 'label', 'weight'], 4)
 """
 
-from jlora.data import checks, tasks
+from jlora.data import checks, harness, tasks
 from jlora.data.batching import Batcher
 from jlora.data.collate import bucket_length, collate, next_token_targets
 from jlora.data.gsm8k import exact_match, extract_answer, normalize_number
@@ -40,6 +41,7 @@ __all__ = [
     "encode_sft",
     "exact_match",
     "extract_answer",
+    "harness",
     "load_rows",
     "load_table",
     "next_token_targets",

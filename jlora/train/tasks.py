@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import data as jdata
-from jlora.data import checks, metamath
+from jlora.data import checks, harness, metamath
 from jlora.errors import ConfigError
 from jlora.linen.attach import attach
 from jlora.linen.inject import inject
@@ -235,7 +235,10 @@ def loss_fn(cfg: Any, model: Any) -> Callable[..., jax.Array]:
 def evaluate(
     cfg: Any, model: Any, tokenizer: Any, data: TaskData, params: Any, adapters: Any
 ) -> dict[str, float]:
-    """`{"accuracy": ...}` (classification) or `{"exact_match": ...}` (generation)."""
+    """`{"accuracy": ...}` (classification) or, for GSM8K, `{"exact_match": ...}` (jlora's
+    value comparison, `jlora.data.exact_match`) with lm-evaluation-harness's strict-match and
+    flexible-extract scores of the same greedy generations (`harness_strict`,
+    `harness_flexible`; `jlora.data.harness`)."""
     if cfg.task == "sst2":
         return {"accuracy": _accuracy(model, data.eval, params, adapters)}
     return _gsm8k(cfg, model, tokenizer, data.eval, params, adapters)
@@ -268,6 +271,8 @@ def _gsm8k(cfg, model, tokenizer, prompts, params, adapters):
         adapters = scan.unstack_adapters(adapters, *where)
     bs, pad = cfg.train.eval_batch_size, _pad_id(tokenizer)
     hits = 0
+    texts: list[str] = []
+    references: list[str] = []
     for start in range(0, len(prompts), bs):
         chunk = prompts[start : start + bs]
         width = max(len(p["input_ids"]) for p in chunk)
@@ -297,4 +302,14 @@ def _gsm8k(cfg, model, tokenizer, prompts, params, adapters):
         for i, p in enumerate(chunk):
             text = tokenizer.decode([int(x) for x in out[i] if x != pad])
             hits += jdata.exact_match(text, p["reference"])
-    return {"exact_match": hits / max(len(prompts), 1)}
+            texts.append(text)
+            references.append(p["reference"])
+    n = max(len(prompts), 1)
+    # lm-evaluation-harness's scoring of the same generations (`jlora.data.harness`): its
+    # numbers when the prompt is its zero-shot one, "Question: {question}\nAnswer:".
+    lm_eval = harness.accuracy(texts, references)
+    return {
+        "exact_match": hits / n,
+        "harness_strict": lm_eval["strict-match"],
+        "harness_flexible": lm_eval["flexible-extract"],
+    }
