@@ -75,3 +75,10 @@ def test_inputs_are_checked():
         bleu(["a"], [["a"], ["b"]])
     with pytest.raises(ValueError, match=r"references\[0\]='a b': expected a non-empty list"):
         nist(["a b"], ["a b"])
+
+
+def test_bleu_keeps_the_ports_short_output_quirk():
+    """Outputs shorter than n subtract from the n-gram total (as e2e-metrics' port does): 4-gram
+    hits 1 over 1 + (2 - 3) = 0 → floored to 1e-9, so BLEU = (1 · 1 · 1 · 1e9)^(1/4)."""
+    got = bleu(["A is here.", "B."], [["A is here.", "Here is A."], ["B."]])
+    assert got == pytest.approx(1e9**0.25, rel=1e-12)

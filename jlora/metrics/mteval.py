@@ -17,7 +17,10 @@ What makes these numbers the challenge's and not, say, sacreBLEU's:
   `exp(-β ln²(L_sys / L_ref))`, β = −ln 0.5 / ln² 1.5, compares the total output length with the
   sum over segments of the mean reference length.
 Where the port would divide by a zero total output length for some n (a corpus of outputs
-shorter than n), that term counts 0.
+shorter than n), that term counts 0. Like the port, outputs shorter than n subtract from BLEU's
+n-gram total, so on a tiny corpus of very short outputs a precision, and BLEU, can exceed 1
+(`bleu(["A is here.", "B."], ...)` with both matched is 1e9 ** (1/4) ≈ 177.8); E2E's outputs
+(about 20 tokens each) never come near that.
 
 Example:
   >>> round(bleu(["the cat sat on the mat"], [["the cat sat on a mat", "a cat sat on the mat"]]), 6)

@@ -1,0 +1,96 @@
+"""The E2E challenge's five metrics (`jlora.metrics.e2e`, `jlora.metrics.coco`): ROUGE-L and
+CIDEr pinned to values worked out by hand, METEOR's end points, the missing-Java path, and the
+shipped dev references scored against themselves and against a trivial output, with BLEU/NIST
+equal to e2e-metrics' own Python mteval (its values on these exact inputs, computed once with
+`metrics/pymteval.py` of github.com/tuetschek/e2e-metrics)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+
+import pytest
+
+from jlora.metrics import coco, e2e
+
+DEV = pathlib.Path(__file__).resolve().parent.parent / "data" / "e2e" / "devset.csv"
+NEEDS_COCO = pytest.mark.skipif(coco.available() is not None, reason=str(coco.available()))
+
+
+def test_group_references_keeps_first_appearance_order():
+    rows = [("b", "1"), ("a", "2"), ("b", "3")]
+    assert e2e.group_references(rows) == (["b", "a"], [["1", "3"], ["2"]])
+
+
+def test_without_java_the_coco_metrics_are_missing_not_zero(monkeypatch, caplog):
+    monkeypatch.setattr(coco.shutil, "which", lambda name: None)
+    assert "no java on the PATH" in coco.available()
+    got = e2e.scores(["a pub in the centre"], [["a pub in the city centre"]])
+    assert got["METEOR"] is got["ROUGE_L"] is got["CIDEr"] is None
+    assert got["BLEU"] > 0 and got["NIST"] > 0
+    assert "METEOR, ROUGE_L and CIDEr are missing" in caplog.text
+    with pytest.raises(ValueError, match=r"outputs \(2\) and references \(1\)"):
+        coco.coco_scores(["a", "b"], [["a"]])
+
+
+def _beta_f(p: float, r: float, beta: float = 1.2) -> float:
+    return (1 + beta**2) * p * r / (r + beta**2 * p)
+
+
+@pytest.mark.slow  # starts Java three times (~20 s each)
+@NEEDS_COCO
+def test_coco_metrics_hand_worked():
+    # ROUGE-L: PTB tokens are lower-cased, punctuation dropped. Segment 1: LCS 3 of 3 output and
+    # 6 reference tokens. Segment 2: "a pub the eagle" vs "the eagle is a pub" (LCS 2) and
+    # "a pub called the eagle" (LCS 4): best precision 4/4 and recall 4/5, each over the refs.
+    got = coco.coco_scores(
+        ["the cat sat", "A pub, The Eagle."],
+        [["the cat sat on the mat"], ["The Eagle is a pub.", "a pub called the eagle"]],
+    )
+    want = (_beta_f(1.0, 0.5) + _beta_f(1.0, 0.8)) / 2
+    assert got["ROUGE_L"] == pytest.approx(want, rel=1e-12)
+    # CIDEr-D: two segments, each n-gram in one of them: idf = log 2 for all, identical tf-idf
+    # vectors for n = 1, 2 (similarity 1), none for n = 3, 4 (0), no length penalty: 10 · 2/4.
+    got = coco.coco_scores(["a b", "c d"], [["a b"], ["c d"]])
+    assert got["CIDEr"] == pytest.approx(5.0, rel=1e-12)
+    assert got["ROUGE_L"] == got["METEOR"] == 1.0  # METEOR 1.5 gives an exact match 1
+    # One segment: every document frequency is the corpus size, so every idf, and CIDEr, is 0;
+    # no word in common: METEOR 0.
+    got = coco.coco_scores(["x y z"], [["the cat sat"]])
+    assert got == {"METEOR": 0.0, "ROUGE_L": 0.0, "CIDEr": 0.0}
+
+
+def _dev() -> tuple[list[str], list[list[str]]]:
+    with DEV.open(encoding="utf-8", newline="") as f:
+        return e2e.group_references((r["mr"], r["ref"]) for r in csv.DictReader(f))
+
+
+def test_shipped_dev_set_groups_into_547_mrs():
+    mrs, refs = _dev()
+    assert len(mrs) == 547 and sum(map(len, refs)) == 4672
+
+
+@pytest.mark.slow  # the COCO metrics over 547 segments (~1 min)
+@pytest.mark.parametrize("system", ["first-reference", "trivial"])
+def test_dev_references_against_themselves_and_a_trivial_output(system):
+    """Each MR's first reference as the output scores BLEU 1 and METEOR = ROUGE-L = 1 (it is one
+    of the references); a constant sentence scores near 0. BLEU and NIST are e2e-metrics'."""
+    _, refs = _dev()
+    if system == "first-reference":
+        outputs = [r[0] for r in refs]
+        want = {"BLEU": 1.0, "NIST": 14.033477806887136}
+    else:
+        outputs = ["There is a restaurant."] * len(refs)
+        want = {"BLEU": 0.007245427893934777, "NIST": 5.110718508304461e-05}
+    got = e2e.scores(outputs, refs, with_coco=coco.available() is None)
+    assert got["BLEU"] == pytest.approx(want["BLEU"], rel=1e-12)
+    assert got["NIST"] == pytest.approx(want["NIST"], rel=1e-9)
+    if coco.available() is not None:
+        pytest.skip(coco.available())
+    if system == "first-reference":
+        assert got["METEOR"] == pytest.approx(1.0) and got["ROUGE_L"] == pytest.approx(1.0)
+        assert got["CIDEr"] > 2.5  # 3.04: CIDEr averages over each MR's ~8.5 references
+    else:
+        assert got["METEOR"] < 0.1 and got["ROUGE_L"] < 0.25 and got["CIDEr"] < 0.1
+    assert all(math.isfinite(v) for v in got.values())
