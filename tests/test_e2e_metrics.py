@@ -1,8 +1,8 @@
 """The E2E challenge's five metrics (`jlora.metrics.e2e`, `jlora.metrics.coco`): ROUGE-L and
 CIDEr pinned to values worked out by hand, METEOR's end points, the missing-Java path, and the
-shipped dev references scored against themselves and against a trivial output, with BLEU/NIST
-equal to e2e-metrics' own Python mteval (its values on these exact inputs, computed once with
-`metrics/pymteval.py` of github.com/tuetschek/e2e-metrics)."""
+shipped dev references (the dev set's first 100 MRs) scored against themselves and against a
+trivial output, with BLEU/NIST equal to e2e-metrics' own Python mteval (its values on these
+exact inputs, computed once with `metrics/pymteval.py` of github.com/tuetschek/e2e-metrics)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from jlora.metrics import coco, e2e
 
-DEV = pathlib.Path(__file__).resolve().parent.parent / "data" / "e2e" / "devset.csv"
+DEV = pathlib.Path(__file__).resolve().parent.parent / "data" / "e2e" / "dev.csv"
 NEEDS_COCO = pytest.mark.skipif(coco.available() is not None, reason=str(coco.available()))
 
 
@@ -66,12 +66,12 @@ def _dev() -> tuple[list[str], list[list[str]]]:
         return e2e.group_references((r["mr"], r["ref"]) for r in csv.DictReader(f))
 
 
-def test_shipped_dev_set_groups_into_547_mrs():
+def test_shipped_dev_sample_groups_into_100_mrs():
     mrs, refs = _dev()
-    assert len(mrs) == 547 and sum(map(len, refs)) == 4672
+    assert len(mrs) == 100 and sum(map(len, refs)) == 804
 
 
-@pytest.mark.slow  # the COCO metrics over 547 segments (~1 min)
+@pytest.mark.slow  # the COCO metrics over 100 segments (~30 s)
 @pytest.mark.parametrize("system", ["first-reference", "trivial"])
 def test_dev_references_against_themselves_and_a_trivial_output(system):
     """Each MR's first reference as the output scores BLEU 1 and METEOR = ROUGE-L = 1 (it is one
@@ -79,10 +79,10 @@ def test_dev_references_against_themselves_and_a_trivial_output(system):
     _, refs = _dev()
     if system == "first-reference":
         outputs = [r[0] for r in refs]
-        want = {"BLEU": 1.0, "NIST": 14.033477806887136}
+        want = {"BLEU": 1.0, "NIST": 12.242530973824433}
     else:
         outputs = ["There is a restaurant."] * len(refs)
-        want = {"BLEU": 0.007245427893934777, "NIST": 5.110718508304461e-05}
+        want = {"BLEU": 0.010588655293113848, "NIST": 0.00014333229582998936}
     got = e2e.scores(outputs, refs, with_coco=coco.available() is None)
     assert got["BLEU"] == pytest.approx(want["BLEU"], rel=1e-12)
     assert got["NIST"] == pytest.approx(want["NIST"], rel=1e-9)
@@ -90,7 +90,7 @@ def test_dev_references_against_themselves_and_a_trivial_output(system):
         pytest.skip(coco.available())
     if system == "first-reference":
         assert got["METEOR"] == pytest.approx(1.0) and got["ROUGE_L"] == pytest.approx(1.0)
-        assert got["CIDEr"] > 2.5  # 3.04: CIDEr averages over each MR's ~8.5 references
+        assert got["CIDEr"] > 2.0  # CIDEr averages over each MR's ~8 references
     else:
         assert got["METEOR"] < 0.1 and got["ROUGE_L"] < 0.25 and got["CIDEr"] < 0.1
     assert all(math.isfinite(v) for v in got.values())
