@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.linen.inject import inject
+from jlora.models.beam import banned_ngrams, beam_search
 
 
 def _sample(
@@ -49,7 +50,9 @@ def _sample(
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "no_repeat_ngram_size")
+)
 def _generate(
     model: Any,
     params: Any,
@@ -64,6 +67,7 @@ def _generate(
     *,
     max_new_tokens: int,
     greedy: bool,
+    no_repeat_ngram_size: int = 0,
 ) -> jax.Array:
     b, t = input_ids.shape
     total = t + max_new_tokens
@@ -79,7 +83,7 @@ def _generate(
             )
 
     logits, cache = forward(input_ids, valid, positions, cache, 0)
-    out = jnp.full((b, max_new_tokens), pad_token_id, input_ids.dtype)
+    seq = jnp.full((b, total), pad_token_id, input_ids.dtype).at[:, :t].set(input_ids)
     state = (
         jnp.int32(0),
         logits[:, -1],
@@ -87,7 +91,7 @@ def _generate(
         valid,
         jnp.sum(mask, axis=-1).astype(jnp.int32),  # position of the next token
         jnp.zeros((b,), bool),  # row finished
-        out,
+        seq,
     )
 
     def cond(state):
@@ -95,20 +99,23 @@ def _generate(
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, last, cache, valid, pos, done, out = state
+        i, last, cache, valid, pos, done, seq = state
+        if no_repeat_ngram_size:  # prompt included, as transformers does
+            banned = banned_ngrams(seq, t + i, no_repeat_ngram_size, last.shape[-1])
+            last = jnp.where(banned, -jnp.inf, last)
         if greedy:
             tok = jnp.argmax(last, axis=-1)
         else:
             tok = _sample(last, jax.random.fold_in(key, i), temperature, top_p)
-        tok = jnp.where(done, pad_token_id, tok).astype(out.dtype)
-        out = out.at[:, i].set(tok)
+        tok = jnp.where(done, pad_token_id, tok).astype(seq.dtype)
+        seq = seq.at[:, t + i].set(tok)
         done = done | jnp.isin(tok, stop_tokens)
         valid = valid.at[:, t + i].set(True)
         logits, cache = forward(tok[:, None], valid, pos[:, None], cache, t + i)
-        return i + 1, logits[:, -1], cache, valid, pos + 1, done, out
+        return i + 1, logits[:, -1], cache, valid, pos + 1, done, seq
 
-    *_, out = jax.lax.while_loop(cond, body, state)
-    return jnp.concatenate([input_ids, out], axis=1)
+    *_, seq = jax.lax.while_loop(cond, body, state)
+    return seq
 
 
 def generate(
@@ -124,8 +131,13 @@ def generate(
     pad_token_id: int | None = None,
     adapters: Any = None,
     key: jax.Array | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    early_stopping: bool | str = False,
 ) -> jax.Array:
-    """Prompt plus up to `max_new_tokens` new tokens per row, `(batch, prompt + new)`.
+    """Prompt plus up to `max_new_tokens` new tokens per row, `(batch, prompt + new)`: greedy,
+    nucleus sampling, or (`num_beams > 1`) beam search as transformers' `generate` runs them.
 
     Args:
       model: a decoder with `init_cache` (e.g. `jlora.models.llama.Llama`).
@@ -141,6 +153,13 @@ def generate(
         token, else 0).
       adapters: a jlora adapter pytree to apply factored (as `jlora.inject`), or None.
       key: PRNG key for sampling (default `jax.random.key(0)`).
+      num_beams: beams of a beam search (`jlora.models.beam`); 1: greedy or sampling.
+      length_penalty: beam search ranks finished hypotheses by log-probability / generated
+        length ** length_penalty (transformers' convention; < 1 favours shorter ones).
+      no_repeat_ngram_size: n > 0 forbids every token that would repeat an n-gram of the row,
+        prompt included (transformers' `no_repeat_ngram_size`), in every decoding mode.
+      early_stopping: beam search's stopping rule, as transformers': False (its heuristic),
+        True (once every beam has finished) or "never".
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
@@ -148,6 +167,19 @@ def generate(
         raise ValueError(f"temperature={temperature!r}: expected >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r}: expected an integer >= 1")
+    if num_beams > 1 and temperature != 0:
+        raise ValueError(
+            f"num_beams={num_beams} with temperature={temperature!r}: beam search is "
+            "deterministic here; expected temperature=0"
+        )
+    if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ValueError(
+            f"no_repeat_ngram_size={no_repeat_ngram_size!r}: expected an integer >= 0 (0: off)"
+        )
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids has shape {input_ids.shape}: expected (batch, prompt)")
@@ -170,6 +202,21 @@ def generate(
         pad_token_id = config.pad_token_id
     if pad_token_id is None:
         pad_token_id = next(iter(stop_tokens), 0)
+    if num_beams > 1:
+        return beam_search(
+            model,
+            params,
+            adapters or {},
+            input_ids,
+            attention_mask,
+            jnp.asarray(list(stop_tokens), jnp.int32),
+            jnp.int32(pad_token_id),
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            length_penalty=float(length_penalty),
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            early_stopping=early_stopping,
+        )
     return _generate(
         model,
         params,
@@ -183,4 +230,5 @@ def generate(
         jnp.int32(pad_token_id),
         max_new_tokens=max_new_tokens,
         greedy=temperature == 0,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
