@@ -50,6 +50,22 @@ def _pair(family: str):
     return m, ms, p, stack_layers(p, *where), where
 
 
+def _scanned_adapters(ms, ps, method: str):
+    """`(base, adapters)` of `method` on every linear kernel of the stacked params `ps`, the
+    adapters moved off their init (B = 0) so that they change the output."""
+    cfg = jlora.AdapterConfig(
+        method=method,
+        rank=2,
+        targets=jm.preset(ms, "all-linear"),
+        **({"gora_rank_range": (1, 4)} if method == "gora" else {}),
+    )
+    grads = fake_grads(ps) if method == "gora" else None
+    base, ad = jlora.init(cfg, ps, 0, grads=grads, layouts=jlora.stacked_layouts(ps))
+    return base, {
+        p: a.replace(params={n: x + 0.1 for n, x in a.params.items()}) for p, a in ad.items()
+    }
+
+
 @pytest.mark.parametrize("family", ["llama", pytest.param("bert", marks=pytest.mark.slow)])
 def test_scanned_model_is_the_unrolled_model_on_stacked_weights(family):
     m, ms, p, ps, where = _pair(family)
@@ -77,15 +93,7 @@ def test_scanned_model_is_the_unrolled_model_on_stacked_weights(family):
 )
 def test_adapters_on_scanned_layers_factored_equals_merged(family, method):
     _, ms, _, ps, _ = _pair(family)
-    cfg = jlora.AdapterConfig(
-        method=method,
-        rank=2,
-        targets=jm.preset(ms, "all-linear"),
-        **({"gora_rank_range": (1, 4)} if method == "gora" else {}),
-    )
-    grads = fake_grads(ps) if method == "gora" else None
-    base, ad = jlora.init(cfg, ps, 0, grads=grads, layouts=jlora.stacked_layouts(ps))
-    ad = {p: a.replace(params={n: x + 0.1 for n, x in a.params.items()}) for p, a in ad.items()}
+    base, ad = _scanned_adapters(ms, ps, method)
     want = ms.apply({"params": jlora.merge(base, ad)}, IDS)
     got = jlora.linen.apply(ms, {"params": base}, ad, IDS)
     assert rel_err(got, want) <= 1e-5
@@ -111,15 +119,7 @@ def test_unstacked_adapters_on_the_unrolled_model_equal_the_scanned_model(method
     from jlora.models.scan import unscanned, unstack_adapters
 
     _, ms, _, ps, where = _pair("llama")
-    cfg = jlora.AdapterConfig(
-        method=method,
-        rank=2,
-        targets=jm.preset(ms, "all-linear"),
-        **({"gora_rank_range": (1, 4)} if method == "gora" else {}),
-    )
-    grads = fake_grads(ps) if method == "gora" else None
-    base, ad = jlora.init(cfg, ps, 0, grads=grads, layouts=jlora.stacked_layouts(ps))
-    ad = {p: a.replace(params={n: x + 0.1 for n, x in a.params.items()}) for p, a in ad.items()}
+    base, ad = _scanned_adapters(ms, ps, method)
     want = jlora.linen.apply(ms, {"params": base}, ad, IDS)
     m, p = unscanned(ms, base)
     per_layer = unstack_adapters(ad, *where)

@@ -16,15 +16,15 @@ Per step, for `b` prompts × `k` beams:
 The result is each row's best finished hypothesis. The whole search is one jitted program with
 a key/value cache of `b · k` rows, reordered by gathering each step.
 
-Example:
-  >>> import jax, jax.numpy as jnp
+Example (a 2-layer random Llama; any decoder with `init_cache` works):
+  >>> import jax, jax.numpy as jnp, jlora.models as jm
   >>> from jlora.models.llama import LlamaConfig, Llama
-  >>> from jlora.models import generate
-  >>> model = Llama(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
-  ...                           num_hidden_layers=1, num_attention_heads=2))
-  >>> ids = jnp.array([[4, 5, 6]])
+  >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,
+  ...                   num_hidden_layers=2, num_attention_heads=2)
+  >>> model, ids = Llama(cfg), jnp.array([[4, 5, 6]])
   >>> params = model.init(jax.random.key(0), ids)["params"]
-  >>> generate(model, params, ids, max_new_tokens=5, num_beams=3, stop_tokens=()).shape
+  >>> out = jm.generate(model, params, ids, max_new_tokens=5, num_beams=3, stop_tokens=())
+  >>> out.shape
   (1, 8)
 """
 
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.linen.inject import inject
+from jlora.models.generate import cached_forward
 
 # transformers' "impossible" score offset (finished beams leaving the running set, and so on).
 _NEG = -1.0e9
@@ -117,17 +117,7 @@ def beam_search(
     valid = jnp.zeros((b * k, length), bool).at[:, :t].set(mask)
     positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
 
-    def forward(tokens, valid, positions, cache, index):
-        with inject(adapters):
-            return model.apply(
-                {"params": params},
-                tokens,
-                valid,
-                positions=positions,
-                cache=cache,
-                cache_index=index,
-            )
-
+    forward = cached_forward(model, params, adapters)
     logits, cache = forward(ids, valid, positions, cache, 0)
     vocab = logits.shape[-1]
     running = jnp.full((b, k, length), pad_token_id, input_ids.dtype)

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 
 from jlora.linen.inject import inject
-from jlora.models.beam import banned_ngrams, beam_search
 
 
 def _sample(
@@ -48,6 +47,19 @@ def _sample(
     sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
     choice = jax.random.categorical(key, sorted_logits, axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def cached_forward(model: Any, params: Any, adapters: Any) -> Any:
+    """`forward(ids, valid, positions, cache, index) -> (logits, cache)`: one decoder call on the
+    key/value cache, with `adapters` on the factored path."""
+
+    def forward(ids, valid, positions, cache, index):
+        with inject(adapters):
+            return model.apply(
+                {"params": params}, ids, valid, positions=positions, cache=cache, cache_index=index
+            )
+
+    return forward
 
 
 @functools.partial(
@@ -76,12 +88,7 @@ def _generate(
     valid = jnp.zeros((b, total), bool).at[:, :t].set(mask)
     positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
 
-    def forward(ids, valid, positions, cache, index):
-        with inject(adapters):
-            return model.apply(
-                {"params": params}, ids, valid, positions=positions, cache=cache, cache_index=index
-            )
-
+    forward = cached_forward(model, params, adapters)
     logits, cache = forward(input_ids, valid, positions, cache, 0)
     seq = jnp.full((b, total), pad_token_id, input_ids.dtype).at[:, :t].set(input_ids)
     state = (
@@ -101,6 +108,8 @@ def _generate(
     def body(state):
         i, last, cache, valid, pos, done, seq = state
         if no_repeat_ngram_size:  # prompt included, as transformers does
+            from jlora.models.beam import banned_ngrams
+
             banned = banned_ngrams(seq, t + i, no_repeat_ngram_size, last.shape[-1])
             last = jnp.where(banned, -jnp.inf, last)
         if greedy:
@@ -203,6 +212,8 @@ def generate(
     if pad_token_id is None:
         pad_token_id = next(iter(stop_tokens), 0)
     if num_beams > 1:
+        from jlora.models.beam import beam_search  # beam imports this module
+
         return beam_search(
             model,
             params,
