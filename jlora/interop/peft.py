@@ -17,8 +17,9 @@ under the names PEFT itself writes (`base_model.model.classifier.weight`: PEFT d
 more than lora_A / lora_B (DoRA's magnitude) adds it through `Method.peft_extra`.
 
 Module names come from the model's family (`jlora.models.<family>.params.hf_module` and
-`peft_task_type`), so this module has no per-family branch. Folding is done in float64 and
-written as float32. Stacked kernels are exported per layer after
+`peft_task_type`, plus any `adapter_config.json` fields in its `PEFT_CONFIG`: GPT-2's
+`fan_in_fan_out=True` for its Conv1D projections), so this module has no per-family branch.
+Folding is done in float64 and written as float32. Stacked kernels are exported per layer after
 `jlora.models.scan.unstack_adapters` (`fold` refuses them). Nothing non-finite is written: a NaN or
 Inf adapter leaf, `extra_params` leaf or folded tensor is a `CheckpointError` raised before the
 folder is created or touched.
@@ -127,7 +128,8 @@ def _family(model: Any) -> ModuleType:
     if fam is None or not isinstance(model, fam.model_class):
         raise ValueError(
             f"model={type(model).__name__}: to_peft exports adapters of jlora.models models "
-            "(Llama-family: llama, mistral, qwen2, qwen3; BERT-family: bert, roberta)"
+            "(Llama-family: llama, mistral, qwen2, qwen3; GPT-2: gpt2; BERT-family: bert, "
+            "roberta)"
         )
     return fam
 
@@ -201,7 +203,8 @@ def to_peft(
     target must then set the same fields.
 
     Args:
-      model: the jlora model (`Bert` or `Llama`-family) whose parameters the adapters target.
+      model: the jlora model (`Bert`, `Llama`-family or `GPT2`) whose parameters the adapters
+        target.
       adapters: the trained adapters.
       path: the folder to write (created if needed).
       initial_adapters: what `jlora.init` returned; needed for methods that rewrote the frozen
@@ -299,6 +302,8 @@ def to_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
+        # The family's own fields (GPT-2's Conv1D projections: fan_in_fan_out=True).
+        **getattr(fam, "PEFT_CONFIG", {}),
         **config_fields,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,17 @@
   frozen kernel keeps the Nyström error (the same normalisation PiSSA applies with 1/√s).
 - `inttune`: NLoRA's init with only M trainable (r² numbers per matrix).
 
+Fused projections (GPT-2's `attn/c_attn`, `d -> 3d` with outputs `[q | k | v]`;
+`jlora.models.gpt2`) are adapted as ONE matrix, as PEFT does (PEFT targets the module `c_attn`
+and transposes its Conv1D weight to `(out, in) = (3d, d)` with `fan_in_fan_out` before any init).
+So NLoRA's first r rows/columns of the `(in, out)` kernel (`jlora.linalg.nystrom_first`:
+`K[:, :r]`, `K[:r, :r]`, `K[:r, :]`) take the first r OUTPUT features of the fused matrix, i.e.
+r query features (keys and values contribute no sampled column), and the first r input
+features. microsoft/LoRA's and NOLA's GPT-2 code instead put separate rank-r adapters on the q
+and v blocks (loralib's `MergedLinear(enable_lora=[True, False, True])`, k untouched): for LoRA
+the trainable count is the same (`r·(d + 3d) = 2·r·(d + d)`), but the fused adapter's update is
+not restricted to the q and v blocks.
+
 Example:
   >>> import jax.numpy as jnp, jlora
   >>> cfg = jlora.AdapterConfig(method="inttune", rank=2)

@@ -1,6 +1,7 @@
 """Pretrained model families in Flax Linen, with Hugging Face loaders and savers.
 
 - decoders (`jlora.models.llama`): Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2; `generate`;
+- GPT-2 (`jlora.models.gpt2`): GPT-2 and its sizes, with `generate` too;
 - encoders (`jlora.models.bert`): BERT, RoBERTa, MiniLM, with a classification head;
 - `load` / `save_hf` (Hugging Face folders, hub ids, GGUF, llama2.c, offline packages);
 - `preset(model, "attention" | "all-linear")`: target regexes for `jlora.AdapterConfig`.
@@ -21,15 +22,25 @@ from jlora.models.hub import QUANTIZE_PATTERN, load, save_hf
 __all__ = ["QUANTIZE_PATTERN", "generate", "load", "preset", "save_hf", "sharding_rules"]
 
 
+# Family name (a model's `family`) -> a transformers `model_type` that family serves.
+_FAMILIES = {"llama": "llama", "gpt2": "gpt2", "bert": "bert"}
+
+
 def preset(model: Any, name: str) -> str:
-    """Target regex `name` ("attention" or "all-linear") for a model or a family name."""
+    """Target regex `name` ("attention" or "all-linear") for a model or a family name.
+
+    Example:
+      >>> preset("gpt2", "attention")
+      'transformer/h(_\\\\d+)?/attn/c_attn/kernel'
+    """
+    from jlora.models.hub import family_of
+
     family = model if isinstance(model, str) else getattr(model, "family", None)
-    if family == "llama":
-        from jlora.models.llama import PRESETS
-    elif family == "bert":
-        from jlora.models.bert import PRESETS
-    else:
-        raise ValueError(f"model family {family!r}: presets exist for 'llama' and 'bert'")
+    if family not in _FAMILIES:
+        raise ValueError(
+            f"model family {family!r}: presets exist for {', '.join(map(repr, _FAMILIES))}"
+        )
+    PRESETS = family_of(_FAMILIES[family]).PRESETS
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
     return PRESETS[name]

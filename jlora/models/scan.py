@@ -1,6 +1,7 @@
 """Scanned decoder layers: a model's `layers_0 … layers_{n-1}` as one stacked `layers`.
 
-With `Llama(config, scan_layers=True)` the decoder layers run under `nn.scan`: their parameters
+With `Llama(config, scan_layers=True)` (likewise `GPT2`'s `transformer/h_N`, `Bert`'s
+`encoder/layer_N`: `LAYERS`) the decoder layers run under `nn.scan`: their parameters
 are one pytree whose leaves have a leading layer axis (`model/layers/mlp/up_proj/kernel` of shape
 `(layers, d_in, d_out)`), and XLA compiles one layer instead of every layer, so compile time no
 longer grows with depth. `stack_layers` / `unstack_layers` convert between the two layouts (the
@@ -35,7 +36,7 @@ from jlora import factored
 from jlora.adapters import Adapters
 
 # Where each jlora family keeps its layers: `<parent>/<name>_<i>`, stacked as `<parent>/<name>`.
-LAYERS = {"llama": ("model", "layers"), "bert": ("encoder", "layer")}
+LAYERS = {"llama": ("model", "layers"), "gpt2": ("transformer", "h"), "bert": ("encoder", "layer")}
 
 
 def _layer_keys(node: Mapping[str, Any], name: str) -> list[str]:
