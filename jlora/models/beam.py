@@ -189,3 +189,117 @@ def beam_search(
 
     state = jax.lax.while_loop(cond, body, state)
     return state[7][:, 0]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model",
+        "num_beams",
+        "max_new_tokens",
+        "length_penalty",
+        "no_repeat_ngram_size",
+    ),
+)
+def gpt2_beam_search(
+    model: Any,
+    params: Any,
+    adapters: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    stop_tokens: jax.Array,
+    pad_token_id: jax.Array,
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    length_penalty: float,
+    no_repeat_ngram_size: int,
+) -> jax.Array:
+    """`(batch, prompt + max_new_tokens)`: beam search as microsoft/LoRA's `gpt2_beam.py` runs it
+    (the decoder of the LoRA and NOLA papers' E2E numbers), `pad_token_id` after each row's end.
+
+    It differs from transformers' search (`beam_search`) in four ways: each step keeps only the
+    top `num_beams` continuations; a beam that emits a stop token is offered as a finished
+    hypothesis (score `sum of log-probs / generated length ** length_penalty`, stop token
+    counted) and stays in the beam with score -inf; no-repeat n-grams look at the generated
+    tokens only, not the prompt; and there is no early stopping: after `max_new_tokens` steps
+    every live beam is offered too (length `max_new_tokens`), and the best hypothesis offered
+    at any step wins (the first of equal scores). `jlora.models.generate(...,
+    beam_style="gpt2_beam")` checks the arguments and calls this.
+    """
+    b, t = input_ids.shape
+    k, n_new = num_beams, max_new_tokens
+    length = t + n_new
+    # Length-penalty denominators (generated length s + 1 at step s), in float64 as Python does.
+    denom = jnp.asarray(np.arange(1, n_new + 1, dtype=np.float64) ** length_penalty)
+    denom = denom.astype(jnp.float32)
+
+    ids = jnp.repeat(input_ids, k, axis=0)
+    mask = jnp.repeat(attention_mask, k, axis=0).astype(bool)
+    cache = model.init_cache(b * k, length)
+    valid = jnp.zeros((b * k, length), bool).at[:, :t].set(mask)
+    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
+    forward = cached_forward(model, params, adapters)
+    logits, cache = forward(ids, valid, positions, cache, 0)
+    vocab = logits.shape[-1]
+
+    def offer(best, cand, cand_scores, cand_ok):
+        """Fold candidates `(b, k, n_new)` scored `(b, k)` (`cand_ok`: offered) into the best
+        hypothesis of each row: a candidate replaces it when there is none yet or it scores
+        strictly higher, beams taken in order (so the first of equal scores wins)."""
+        seq, score, have = best
+        for j in range(k):
+            take = cand_ok[:, j] & (~have | (cand_scores[:, j] > score))
+            seq = jnp.where(take[:, None], cand[:, j], seq)
+            score = jnp.where(take, cand_scores[:, j], score)
+            have = have | take
+        return seq, score, have
+
+    state = (
+        jnp.int32(0),
+        logits[:, -1],
+        cache,
+        valid,
+        jnp.sum(mask, axis=-1).astype(jnp.int32),  # position of the next token
+        jnp.full((b, k, n_new), pad_token_id, input_ids.dtype),  # generated tokens per beam
+        jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-jnp.inf),  # beam scores (step 0: beam 0)
+        (
+            jnp.full((b, n_new), pad_token_id, input_ids.dtype),
+            jnp.full((b,), -jnp.inf, jnp.float32),
+            jnp.zeros((b,), bool),
+        ),
+    )
+
+    def cond(state):
+        # Beams all at -inf can never be offered with a finite score: nothing changes after.
+        return (state[0] < n_new) & jnp.any(jnp.isfinite(state[6]))
+
+    def body(state):
+        step, last, cache, valid, pos, hist, scores, best = state
+        # gpt2_beam.py: log(softmax(.)) of the logits with banned n-grams at -inf.
+        if no_repeat_ngram_size:
+            flat = hist.reshape(b * k, n_new)
+            banned = banned_ngrams(flat, step, no_repeat_ngram_size, vocab)
+            last = jnp.where(banned, -jnp.inf, last.astype(jnp.float32))
+        logp = jnp.log(jax.nn.softmax(last.astype(jnp.float32), axis=-1))
+        total = scores[..., None] + logp.reshape(b, k, vocab)
+        top, index = jax.lax.top_k(total.reshape(b, k * vocab), k)
+        beam, token = index // vocab, (index % vocab).astype(hist.dtype)
+        hist = jax.lax.dynamic_update_slice_in_dim(_take(hist, beam), token[..., None], step, 2)
+        ended = jnp.isin(token, stop_tokens)
+        best = offer(best, hist, top / denom[step], ended)
+        scores = jnp.where(ended, -jnp.inf, top)
+        rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)
+        cache = jax.tree.map(lambda x: x[rows], cache)
+        cur = t + step
+        valid = valid[rows].at[:, cur].set(True)
+        logits, cache = forward(token.reshape(b * k, 1), valid, pos[:, None], cache, cur)
+        return step + 1, logits[:, -1], cache, valid, pos + 1, hist, scores, best
+
+    step, _, _, _, _, hist, scores, best = jax.lax.while_loop(cond, body, state)
+    # After the last step every beam is offered at length max_new_tokens (gpt2_beam.py's final
+    # `_add_beam_candidate` without stop tokens); skipped when the loop ended early, where every
+    # score is -inf and a row has a hypothesis already.
+    last_round = (step == n_new) & jnp.ones((b, k), bool)
+    seq, _, _ = offer(best, hist, scores / denom[n_new - 1], last_round)
+    return jnp.concatenate([input_ids, seq], axis=1)

@@ -33,6 +33,9 @@ import jax.numpy as jnp
 
 from jlora.linen.inject import inject
 
+# Beam-search conventions `generate(num_beams > 1, beam_style=...)` follows.
+BEAM_STYLES = ("transformers", "gpt2_beam")
+
 
 def _sample(
     logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array
@@ -144,6 +147,7 @@ def generate(
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     early_stopping: bool | str = False,
+    beam_style: str = "transformers",
 ) -> jax.Array:
     """Prompt plus up to `max_new_tokens` new tokens per row, `(batch, prompt + new)`: greedy,
     nucleus sampling, or (`num_beams > 1`) beam search as transformers' `generate` runs them.
@@ -169,6 +173,10 @@ def generate(
         prompt included (transformers' `no_repeat_ngram_size`), in every decoding mode.
       early_stopping: beam search's stopping rule, as transformers': False (its heuristic),
         True (once every beam has finished) or "never".
+      beam_style: "transformers" (its `generate`, above) or "gpt2_beam": microsoft/LoRA's
+        `gpt2_beam.py`, the decoder behind the LoRA and NOLA papers' E2E numbers (top
+        `num_beams` per step, no early stopping, no-repeat n-grams over the generated tokens
+        only; `jlora.models.beam.gpt2_beam_search`). `early_stopping` does not apply to it.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
@@ -187,6 +195,8 @@ def generate(
         raise ValueError(
             f"no_repeat_ngram_size={no_repeat_ngram_size!r}: expected an integer >= 0 (0: off)"
         )
+    if beam_style not in BEAM_STYLES:
+        raise ValueError(f"beam_style={beam_style!r}: expected one of {BEAM_STYLES}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping={early_stopping!r}: expected True, False or 'never'")
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -211,8 +221,24 @@ def generate(
         pad_token_id = config.pad_token_id
     if pad_token_id is None:
         pad_token_id = next(iter(stop_tokens), 0)
+    if num_beams > 1 and beam_style == "gpt2_beam":
+        from jlora.models.beam import gpt2_beam_search  # beam imports this module
+
+        return gpt2_beam_search(
+            model,
+            params,
+            adapters or {},
+            input_ids,
+            attention_mask,
+            jnp.asarray(list(stop_tokens), jnp.int32),
+            jnp.int32(pad_token_id),
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            length_penalty=float(length_penalty),
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
     if num_beams > 1:
-        from jlora.models.beam import beam_search  # beam imports this module
+        from jlora.models.beam import beam_search
 
         return beam_search(
             model,
