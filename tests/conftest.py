@@ -218,3 +218,28 @@ MULTIDEVICE_ENV = {
         )
     ).strip(),
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A random 2-layer GPT-2 folder with a byte-level tokenizer (every byte a token, no merges;
+    <|endoftext|> = 256), made offline with transformers."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    cfg = transformers.GPT2Config(
+        vocab_size=257, n_positions=256, n_embd=32, n_layer=2, n_head=4, bos_token_id=256,
+        eos_token_id=256,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    # GPT-2's byte-to-character table (its tokenizer's `bytes_to_unicode`).
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    vocab = {ch: b for b, ch in chars.items()}
+    vocab["<|endoftext|>"] = 256
+    tok = transformers.GPT2TokenizerFast(vocab=vocab, merges=[])
+    tok.save_pretrained(folder)
+    return folder

@@ -68,7 +68,8 @@ def test_shipped_gsm8k():
     assert jd.extract_answer(test[0]["answer"]) == "18"
     assert (jd.DATA_DIR / "README.md").stat().st_size > 0
     total = sum(p.stat().st_size for p in jd.DATA_DIR.rglob("*") if p.is_file())
-    assert total < 1.5e6
+    # 1.5 MB until the E2E train sample (265 KB, issue 16) needed room: configs/e2e train on it.
+    assert total < 1.7e6
 
 
 # --- load_rows ---------------------------------------------------------------------------------

@@ -108,3 +108,24 @@ def check_final_answers(table: Table, column: str, *, marker: bool) -> None:
         raise DataError(
             f"{table.where(i)}: {column}={_short(text)} has no final answer; expected {need}"
         )
+
+
+def check_meaning_representations(table: Table, column: str) -> None:
+    """Every row's `column` is an E2E meaning representation, `attribute[value]` pairs separated
+    by commas (`jlora.data.e2e.parse_mr`).
+
+    Example (the message goes on: "separated by commas, like 'name[The Vaults], ...'"):
+      >>> check_meaning_representations(Table("d.csv", [{"mr": "name[A]"}, {"mr": "A pub"}],
+      ...                               lines=[2, 3]), "mr")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      jlora.errors.DataError: d.csv line 3: mr='A pub'; expected attribute[value] pairs ...
+    """
+    from jlora.data.e2e import parse_mr
+
+    for i, row in enumerate(table.rows):
+        try:
+            parse_mr(str(row[column]))
+        except ValueError as e:
+            why = str(e).split(": ", 1)[1]
+            raise DataError(f"{table.where(i)}: {column}={_short(row[column])}; {why}") from None

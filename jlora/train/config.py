@@ -32,13 +32,14 @@ from typing import Any
 import yaml
 
 from jlora.errors import ConfigError, one_line
+from jlora.models.generate import BEAM_STYLES
 from jlora.models.remat import REMAT
 from jlora.quant import FORMATS
 from jlora.quant.loftq import ALTERNATING
 from jlora.sharding import MESH_AXES, MeshShape
 from jlora.train.distributed import DistributedConfig
 
-TASKS = ("sst2", "gsm8k")
+TASKS = ("sst2", "gsm8k", "e2e")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
@@ -93,9 +94,20 @@ class DataConfig:
     # Use only the first N examples (None = all).
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
-    # gsm8k: the prompt before the answer, and the generation budget of the evaluation.
+    # gsm8k: the prompt before the answer (e2e writes its own: jlora.data.e2e).
     prompt_template: str = "Question: {question}\nAnswer:"
+    # Decoding of the generation tasks' evaluation (gsm8k, e2e): at most max_new_tokens new
+    # tokens; greedy (num_beams 1) or beam search with a length penalty and no repeated
+    # n-grams (0: off), as transformers' generate ("transformers") or microsoft/LoRA's
+    # gpt2_beam.py ("gpt2_beam", the decoder of the LoRA and NOLA papers' E2E numbers).
     max_new_tokens: int = 256
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    beam_style: str = "transformers"
+    # Token ids that also end a generation, besides the tokenizer's EOS (the LoRA/NOLA GPT-2
+    # recipes' --eos_token_id 628, GPT-2's "\n\n").
+    stop_tokens: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -285,6 +297,14 @@ def _validate(cfg: RunConfig) -> None:
         f"a largest bucket >= data.max_length={d.max_length}",
     )
     _check("data.max_new_tokens", d.max_new_tokens >= 1, d.max_new_tokens, "an integer >= 1")
+    _check("data.num_beams", d.num_beams >= 1, d.num_beams, "an integer >= 1 (1: greedy)")
+    n = d.no_repeat_ngram_size
+    _check("data.no_repeat_ngram_size", n >= 0, n, "an integer >= 0 (0: off)")
+    _check("data.beam_style", d.beam_style in BEAM_STYLES, d.beam_style, f"one of {BEAM_STYLES}")
+    bad = [t for t in d.stop_tokens if t < 0]
+    _check("data.stop_tokens", not bad, d.stop_tokens, "token ids >= 0")
+    lp = d.length_penalty
+    _check("data.length_penalty", math.isfinite(lp), lp, "a finite number")
     for section in (t, d, cfg.checkpoint):
         for f in dataclasses.fields(section):
             v = getattr(section, f.name)
@@ -482,6 +502,11 @@ RESUMABLE = (
     "data.eval_split",
     "data.max_eval_examples",
     "data.max_new_tokens",
+    "data.num_beams",
+    "data.length_penalty",
+    "data.no_repeat_ngram_size",
+    "data.beam_style",
+    "data.stop_tokens",
     "train.steps",
     "train.learning_rate",
     "train.head_learning_rate",

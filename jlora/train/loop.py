@@ -250,7 +250,11 @@ def _train(
 
     def evaluate() -> dict[str, float]:
         params, adapters = setup.assemble(state["trainable"])
-        res = tasks.evaluate(cfg, setup.model, setup.tokenizer, setup.data, params, adapters)
+        # Generation tasks also write what they generated (the main process only).
+        where = out / f"predictions_step{step}.jsonl" if main and cfg.task != "sst2" else None
+        res = tasks.evaluate(
+            cfg, setup.model, setup.tokenizer, setup.data, params, adapters, predictions=where
+        )
         return {f"eval/{k}": v for k, v in res.items()}
 
     def save() -> None:

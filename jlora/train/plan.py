@@ -258,9 +258,12 @@ def activation_bytes(model: Any, rows: int, seq_len: int, remat: str, task: str)
     gradient. Calibrated against XLA's compiled peaks (benchmarks/plan_cost.py)."""
     c = model.config
     itemsize = jnp.dtype(model.dtype).itemsize
-    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    heads = c.num_attention_heads
-    if c.model_type in ("bert", "roberta"):
+    if c.model_type == "gpt2":  # GPT2Config's own names
+        h, inter, layers, heads = c.n_embd, c.inner_dim, c.n_layer, c.n_head
+    else:
+        h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+        heads = c.num_attention_heads
+    if c.model_type in ("bert", "roberta", "gpt2"):
         q = kv = h
     else:
         hd = c.head_dim or h // heads
