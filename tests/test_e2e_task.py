@@ -134,6 +134,7 @@ def test_train_py_runs_e2e_end_to_end(tmp_path):
     assert rows[0]["mr"].startswith("name[Alimentum]") and len(rows[0]["references"]) >= 1
 
 
+@pytest.mark.slow
 def test_gpt2_e2e_run_with_the_papers_target(tmp_path, tiny_gpt2):
     """train.py's E2E task on a GPT-2 folder with the LoRA/NOLA recipe's target (`c_attn`)."""
     cfg = _e2e_cfg(num_beams=2, length_penalty=0.8, beam_style="gpt2_beam")

@@ -143,7 +143,7 @@ def test_e2e_recipe_learns(tmp_path, path, tiny_gpt2):
         "data.eval_split=dev",
         "data.max_length=256",
         "data.buckets=[256]",
-        "data.max_eval_examples=2",
+        "data.max_eval_examples=1",
         "data.max_new_tokens=4",
         "data.num_beams=2",
         "data.stop_tokens=[]",
@@ -151,7 +151,7 @@ def test_e2e_recipe_learns(tmp_path, path, tiny_gpt2):
         "train.warmup_steps=2",
         "train.log_every=1",
         "train.eval_every=0",
-        "train.eval_batch_size=2",
+        "train.eval_batch_size=1",
         "checkpoint.every=0",
     ]
     learned = _last_losses(config_lib.load(path, overrides), tmp_path / "learned")

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.generate import cached_forward
+from jlora.models.generate import prefill
 
 # transformers' "impossible" score offset (finished beams leaving the running set, and so on).
 _NEG = -1.0e9
@@ -112,22 +112,17 @@ def beam_search(
         best_len = denom
 
     ids = jnp.repeat(input_ids, k, axis=0)
-    mask = jnp.repeat(attention_mask, k, axis=0).astype(bool)
-    cache = model.init_cache(b * k, length)
-    valid = jnp.zeros((b * k, length), bool).at[:, :t].set(mask)
-    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
-
-    forward = cached_forward(model, params, adapters)
-    logits, cache = forward(ids, valid, positions, cache, 0)
-    vocab = logits.shape[-1]
+    mask = jnp.repeat(attention_mask, k, axis=0)
+    forward, last, cache, valid, pos = prefill(model, params, adapters, ids, mask, length)
+    vocab = last.shape[-1]
     running = jnp.full((b, k, length), pad_token_id, input_ids.dtype)
     running = running.at[:, :, :t].set(ids.reshape(b, k, t))
     state = (
         jnp.int32(0),
-        logits[:, -1],
+        last,
         cache,
         valid,
-        jnp.sum(mask, axis=-1).astype(jnp.int32),  # position of the next token
+        pos,  # position of the next token
         running,
         jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG),  # running scores
         running,  # finished sequences
@@ -235,13 +230,9 @@ def gpt2_beam_search(
     denom = denom.astype(jnp.float32)
 
     ids = jnp.repeat(input_ids, k, axis=0)
-    mask = jnp.repeat(attention_mask, k, axis=0).astype(bool)
-    cache = model.init_cache(b * k, length)
-    valid = jnp.zeros((b * k, length), bool).at[:, :t].set(mask)
-    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
-    forward = cached_forward(model, params, adapters)
-    logits, cache = forward(ids, valid, positions, cache, 0)
-    vocab = logits.shape[-1]
+    mask = jnp.repeat(attention_mask, k, axis=0)
+    forward, last, cache, valid, pos = prefill(model, params, adapters, ids, mask, length)
+    vocab = last.shape[-1]
 
     def offer(best, cand, cand_scores, cand_ok):
         """Fold candidates `(b, k, n_new)` scored `(b, k)` (`cand_ok`: offered) into the best
@@ -257,10 +248,10 @@ def gpt2_beam_search(
 
     state = (
         jnp.int32(0),
-        logits[:, -1],
+        last,
         cache,
         valid,
-        jnp.sum(mask, axis=-1).astype(jnp.int32),  # position of the next token
+        pos,  # position of the next token
         jnp.full((b, k, n_new), pad_token_id, input_ids.dtype),  # generated tokens per beam
         jnp.zeros((b, k), jnp.float32).at[:, 1:].set(-jnp.inf),  # beam scores (step 0: beam 0)
         (

@@ -65,6 +65,26 @@ def cached_forward(model: Any, params: Any, adapters: Any) -> Any:
     return forward
 
 
+def prefill(
+    model: Any,
+    params: Any,
+    adapters: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    length: int,
+) -> tuple[Any, jax.Array, Any, jax.Array, jax.Array]:
+    """One pass over left-padded prompts into a fresh key/value cache of `length` slots:
+    `(forward, last logits, cache, valid slots, position of each row's next token)`, with
+    `forward` from `cached_forward` and positions counting real tokens (transformers')."""
+    rows, t = input_ids.shape
+    mask = attention_mask.astype(bool)
+    valid = jnp.zeros((rows, length), bool).at[:, :t].set(mask)
+    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
+    forward = cached_forward(model, params, adapters)
+    logits, cache = forward(input_ids, valid, positions, model.init_cache(rows, length), 0)
+    return forward, logits[:, -1], cache, valid, jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
 @functools.partial(
     jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "no_repeat_ngram_size")
 )
@@ -86,23 +106,11 @@ def _generate(
 ) -> jax.Array:
     b, t = input_ids.shape
     total = t + max_new_tokens
-    cache = model.init_cache(b, total)
-    mask = attention_mask.astype(bool)
-    valid = jnp.zeros((b, total), bool).at[:, :t].set(mask)
-    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
-
-    forward = cached_forward(model, params, adapters)
-    logits, cache = forward(input_ids, valid, positions, cache, 0)
-    seq = jnp.full((b, total), pad_token_id, input_ids.dtype).at[:, :t].set(input_ids)
-    state = (
-        jnp.int32(0),
-        logits[:, -1],
-        cache,
-        valid,
-        jnp.sum(mask, axis=-1).astype(jnp.int32),  # position of the next token
-        jnp.zeros((b,), bool),  # row finished
-        seq,
+    forward, last, cache, valid, pos = prefill(
+        model, params, adapters, input_ids, attention_mask, total
     )
+    seq = jnp.full((b, total), pad_token_id, input_ids.dtype).at[:, :t].set(input_ids)
+    state = (jnp.int32(0), last, cache, valid, pos, jnp.zeros((b,), bool), seq)
 
     def cond(state):
         i, _, _, _, _, done, _ = state
@@ -221,26 +229,12 @@ def generate(
         pad_token_id = config.pad_token_id
     if pad_token_id is None:
         pad_token_id = next(iter(stop_tokens), 0)
-    if num_beams > 1 and beam_style == "gpt2_beam":
-        from jlora.models.beam import gpt2_beam_search  # beam imports this module
-
-        return gpt2_beam_search(
-            model,
-            params,
-            adapters or {},
-            input_ids,
-            attention_mask,
-            jnp.asarray(list(stop_tokens), jnp.int32),
-            jnp.int32(pad_token_id),
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            length_penalty=float(length_penalty),
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
     if num_beams > 1:
-        from jlora.models.beam import beam_search
+        from jlora.models import beam  # beam imports this module
 
-        return beam_search(
+        search = beam.gpt2_beam_search if beam_style == "gpt2_beam" else beam.beam_search
+        extra = {} if beam_style == "gpt2_beam" else {"early_stopping": early_stopping}
+        return search(
             model,
             params,
             adapters or {},
@@ -252,7 +246,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             length_penalty=float(length_penalty),
             no_repeat_ngram_size=no_repeat_ngram_size,
-            early_stopping=early_stopping,
+            **extra,
         )
     return _generate(
         model,
