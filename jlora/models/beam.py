@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.generate import prefill
+from jlora.models.decoding import prefill
 
 # transformers' "impossible" score offset (finished beams leaving the running set, and so on).
 _NEG = -1.0e9

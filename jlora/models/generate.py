@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.linen.inject import inject
+from jlora.models.decoding import prefill
 
 # Beam-search conventions `generate(num_beams > 1, beam_style=...)` follows.
 BEAM_STYLES = ("transformers", "gpt2_beam")
@@ -50,39 +50,6 @@ def _sample(
     sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
     choice = jax.random.categorical(key, sorted_logits, axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-
-
-def cached_forward(model: Any, params: Any, adapters: Any) -> Any:
-    """`forward(ids, valid, positions, cache, index) -> (logits, cache)`: one decoder call on the
-    key/value cache, with `adapters` on the factored path."""
-
-    def forward(ids, valid, positions, cache, index):
-        with inject(adapters):
-            return model.apply(
-                {"params": params}, ids, valid, positions=positions, cache=cache, cache_index=index
-            )
-
-    return forward
-
-
-def prefill(
-    model: Any,
-    params: Any,
-    adapters: Any,
-    input_ids: jax.Array,
-    attention_mask: jax.Array,
-    length: int,
-) -> tuple[Any, jax.Array, Any, jax.Array, jax.Array]:
-    """One pass over left-padded prompts into a fresh key/value cache of `length` slots:
-    `(forward, last logits, cache, valid slots, position of each row's next token)`, with
-    `forward` from `cached_forward` and positions counting real tokens (transformers')."""
-    rows, t = input_ids.shape
-    mask = attention_mask.astype(bool)
-    valid = jnp.zeros((rows, length), bool).at[:, :t].set(mask)
-    positions = jnp.where(mask, jnp.cumsum(mask, axis=-1) - 1, 0)
-    forward = cached_forward(model, params, adapters)
-    logits, cache = forward(input_ids, valid, positions, model.init_cache(rows, length), 0)
-    return forward, logits[:, -1], cache, valid, jnp.sum(mask, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(
@@ -230,7 +197,7 @@ def generate(
     if pad_token_id is None:
         pad_token_id = next(iter(stop_tokens), 0)
     if num_beams > 1:
-        from jlora.models import beam  # beam imports this module
+        from jlora.models import beam  # beam imports jlora.models (this package)
 
         search = beam.gpt2_beam_search if beam_style == "gpt2_beam" else beam.beam_search
         extra = {} if beam_style == "gpt2_beam" else {"early_stopping": early_stopping}
