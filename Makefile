@@ -38,11 +38,11 @@ train: setup
 
 # The test suite without the tests marked slow (about 10 minutes on 2 CPU cores).
 test: setup
-	$(BIN)/python -m pytest -n 2 -q -m 'not slow'
+	$(BIN)/python -m pytest -n 2 -q -m 'not slow' --durations=25
 
 # The slow tests only (CI runs them after `make test`).
 test-slow: setup
-	$(BIN)/python -m pytest -n 2 -q -m slow
+	$(BIN)/python -m pytest -n 2 -q -m slow --durations=40
 
 # Benchmarks: init cost, step cost vs the frozen-base floor, PEFT side by side (BENCHMARKS.md).
 bench: setup

@@ -12,11 +12,19 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import no_compilation_cache
 
 from benchmarks import __main__ as cli
 from benchmarks import common, init_cost, report, step_cost
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_for_real():
+    """These benchmarks count and time XLA compilations: no persistent-cache hits."""
+    with no_compilation_cache():
+        yield
 
 
 def test_alternate_runs_every_contender_each_round():
