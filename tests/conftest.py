@@ -18,6 +18,14 @@ if os.environ.get("JLORA_TEST_JAX_CACHE", "1") != "0":
     )
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# XLA:CPU compiles with LLVM's optimizer off: it halves the suite's time on 2 cores (compiling is
+# most of it; matmuls and convolutions are library calls either way). Floating-point semantics
+# are those of the optimized build (no fast-math either way). JLORA_TEST_FAST_COMPILE=0 turns it
+# off.
+if os.environ.get("JLORA_TEST_FAST_COMPILE", "1") != "0":
+    _fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    if _fast not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_fast}".strip()
 
 import flax.linen as nn
 import jax
