@@ -12,7 +12,7 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import no_compilation_cache
+from conftest import no_compilation_cache, optimized_compiles
 
 from benchmarks import __main__ as cli
 from benchmarks import common, init_cost, report, step_cost
@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def _compile_for_real():
-    """These benchmarks count and time XLA compilations: no persistent-cache hits."""
-    with no_compilation_cache():
+    """These benchmarks count and time XLA compilations of the programs users run: no
+    persistent-cache hits, and optimized."""
+    with no_compilation_cache(), optimized_compiles():
         yield
 
 

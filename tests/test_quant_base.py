@@ -363,6 +363,7 @@ def test_loftq_and_qpissa_reduce_the_error_of_the_quantized_start():
         quant.loftq.init(jlora.AdapterConfig(rank=2), params, 0, iters=-1)
 
 
+@pytest.mark.optimized  # LoftQ's SVD iterations run long: optimized compiles (conftest)
 def test_a_loftq_run_starts_close_and_exports_for_the_original_base(tmp_path):
     """`model.loftq_iters`: the quantized base plus the initial adapters is nearer the
     full-precision model than plain quantization, and the PEFT export folds out the initial
