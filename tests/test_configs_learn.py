@@ -55,6 +55,7 @@ def test_sst2_config_learns(tmp_path, path):
     assert cfg.task == "sst2"
     summary = loop.run(cfg, tmp_path / "run", progress=False)
     accuracy = summary["eval/accuracy"]
+    print(f"{path.stem}: dev accuracy {accuracy:.4f} after {STEPS} steps")
     assert accuracy >= THRESHOLD, (
         f"{path.name}: dev accuracy {accuracy:.4f} after {STEPS} steps "
         f"(majority class 0.5092, needed >= {THRESHOLD})"
@@ -78,6 +79,7 @@ def test_sst2_lora_learns_on_a_quantized_base(tmp_path, fmt):
         ],
     )
     accuracy = loop.run(cfg, tmp_path / "run", progress=False)["eval/accuracy"]
+    print(f"lora on {fmt}: dev accuracy {accuracy:.4f} after {STEPS} steps")
     assert accuracy >= THRESHOLD, f"{fmt}: dev accuracy {accuracy:.4f} after {STEPS} steps"
 
 
