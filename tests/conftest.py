@@ -34,7 +34,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # in case jax was imported before this file
+# The same settings again, in case jax was imported (and read the environment) before this file.
+if FAST_COMPILE:
+    jax.config.update("jax_disable_most_optimizations", True)
+if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
