@@ -82,6 +82,7 @@ def step_rows():
     return w, step_cost.run(w, rank=4, nola_basis=4, rounds=1, gora_batches=1)
 
 
+@pytest.mark.xdist_group("step_rows")  # one worker measures them (--dist loadgroup)
 def test_step_rows_compile_once_and_train_what_they_should(step_rows):
     w, rows = step_rows
     by = {r["variant"]: r for r in rows}
@@ -104,6 +105,7 @@ def test_step_rows_compile_once_and_train_what_they_should(step_rows):
     assert pre["memory_budget"]["params"] == common.nbytes(w.params)
 
 
+@pytest.mark.xdist_group("step_rows")  # one worker measures them (--dist loadgroup)
 def test_floor_is_the_gradient_to_the_embeddings(step_rows):
     w, _ = step_rows
     floor = step_cost.floor_step(w)
@@ -111,6 +113,7 @@ def test_floor_is_the_gradient_to_the_embeddings(step_rows):
     assert g.shape == (1, 16, w.hidden) and bool(jnp.any(g != 0))
 
 
+@pytest.mark.xdist_group("step_rows")  # one worker measures them (--dist loadgroup)
 def test_report_targets_and_chart(step_rows, tmp_path):
     _, rows = step_rows
     rows = [{"section": "step", **r} for r in rows]

@@ -75,6 +75,7 @@ def _last_losses(cfg, out: pathlib.Path, k: int = 10) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # 80 real steps: unoptimized XLA:CPU code runs them 2x slower (conftest)
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_paper_recipe_learns(tmp_path, path):
     cfg = config_lib.load(path)
@@ -93,7 +94,7 @@ def test_paper_recipe_learns(tmp_path, path):
         f"adapter.rank={small}",
         f"adapter.alpha={alpha * small / rank}",
         "train.steps=40",
-        "train.batch_size=8",
+        "train.batch_size=4",
         "train.warmup_steps=2",
         "train.prepass_batches=2",
         "train.log_every=1",
@@ -131,6 +132,7 @@ def test_e2e_recipes_are_the_official_scripts():
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # 300 real steps (conftest)
 @pytest.mark.parametrize("path", E2E, ids=lambda p: p.stem)
 def test_e2e_recipe_learns(tmp_path, path, tiny_gpt2):
     """Each GPT-2 E2E recipe (method, options, rates, schedule, accumulation) on a tiny random
