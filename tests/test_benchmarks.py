@@ -82,8 +82,7 @@ def step_rows():
     return w, step_cost.run(w, rank=4, nola_basis=4, rounds=1, gora_batches=1)
 
 
-@pytest.mark.xdist_group("step_rows")  # one worker measures them (--dist loadgroup)
-def test_step_rows_compile_once_and_train_what_they_should(step_rows):
+def test_step_rows_compile_once_train_what_they_should_and_report(step_rows, tmp_path):
     w, rows = step_rows
     by = {r["variant"]: r for r in rows}
     expected = {v.name for v in step_cost.variants(4, 4)} | {"floor", "plain fwd+bwd"}
@@ -104,18 +103,8 @@ def test_step_rows_compile_once_and_train_what_they_should(step_rows):
     pre = by["gora pre-pass (per micro-batch)"]
     assert pre["memory_budget"]["params"] == common.nbytes(w.params)
 
-
-@pytest.mark.xdist_group("step_rows")  # one worker measures them (--dist loadgroup)
-def test_floor_is_the_gradient_to_the_embeddings(step_rows):
-    w, _ = step_rows
-    floor = step_cost.floor_step(w)
-    g = floor()
-    assert g.shape == (1, 16, w.hidden) and bool(jnp.any(g != 0))
-
-
-@pytest.mark.xdist_group("step_rows")  # one worker measures them (--dist loadgroup)
-def test_report_targets_and_chart(step_rows, tmp_path):
-    _, rows = step_rows
+    # The report of these rows (one test: pytest-xdist would build the ~110 s fixture once per
+    # worker).
     rows = [{"section": "step", **r} for r in rows]
     text = report.text(rows)
     assert "floor" in text and "Targets" in text
@@ -124,6 +113,13 @@ def test_report_targets_and_chart(step_rows, tmp_path):
     assert any("recompilations" in n for n in names)
     report.chart(rows, tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_floor_is_the_gradient_to_the_embeddings():
+    w = step_cost.smollm2_shaped(batch=1, seq=16, layers=1)
+    floor = step_cost.floor_step(w)
+    g = floor()
+    assert g.shape == (1, 16, w.hidden) and bool(jnp.any(g != 0))
 
 
 def test_cli_rejects_unknown_sections(capsys):

@@ -231,7 +231,6 @@ def _jlora_logits(run):
 
 
 @pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
-@pytest.mark.xdist_group("sst2_run")  # one worker trains it (make: --dist loadgroup)
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_jlora_round_trip(sst2_run, tmp_path, method):
     from jlora import persist
@@ -248,7 +247,6 @@ def test_export_jlora_round_trip(sst2_run, tmp_path, method):
 
 
 @pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
-@pytest.mark.xdist_group("sst2_run")  # one worker trains it (make: --dist loadgroup)
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_merged_loads_in_transformers(sst2_run, tmp_path, method):
     torch = pytest.importorskip("torch")
@@ -265,7 +263,6 @@ def test_export_merged_loads_in_transformers(sst2_run, tmp_path, method):
 
 
 @pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
-@pytest.mark.xdist_group("sst2_run")  # one worker trains it (make: --dist loadgroup)
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
 def test_export_peft_matches(sst2_run, tmp_path, method):
     torch = pytest.importorskip("torch")
