@@ -8,7 +8,7 @@ A recipe that trains to chance, as configs/sst2/gora.yaml did at learning rate 5
 so a new one is covered without editing this file.
 
 To fit a CI budget each run is shortened: `STEPS` optimizer steps of 16 sentences cut to 32
-tokens (one compiled shape; 9 in 10 training sentences fit) instead of 300 of 32, with the
+tokens (one compiled shape; longer sentences lose their end) instead of 300 of 32, with the
 config's warmup and decay schedule over those steps, and one evaluation, on the full
 872-sentence dev set, at the end; everything else is the config as shipped, GoRA's gradient
 pre-pass included. The shortened runs end at 0.70-0.80 (BENCHMARKS.md has the full runs).
@@ -166,7 +166,7 @@ def test_e2e_config_learns(tmp_path, path, monkeypatch):
             f"train.steps={steps}",
             f"train.batch_size={BATCH.get(path.stem, BATCH_E2E)}",
             # One 64-token shape (most examples fit; longer ones lose their end): without it
-            # most batches of 4 pad to 96 and each step costs 1.5x.
+            # most batches pad to 96 and each step costs 1.5x.
             "data.max_length=64",
             "data.buckets=[64]",
             f"data.max_eval_examples={E2E_MRS}",
