@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import os
 import struct
 from typing import Any
@@ -170,6 +171,7 @@ class Llama2cTokenizer:
         with open(path, "rb") as f:
             self._parse(path, f.read())
         self.ids = {p: i for i, p in enumerate(self.pieces)}
+        self._memo: dict[tuple[str, bool], tuple[int, ...]] = {}
 
     def _parse(self, path: str | os.PathLike, raw: bytes) -> None:
         """Read `max_token_length`, then (score, length, bytes) per piece, to the end exactly."""
@@ -197,7 +199,17 @@ class Llama2cTokenizer:
         return len(self.pieces)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        """llama2.c's encoder: a dummy-prefix space, characters (bytes as fallback), then merges."""
+        """llama2.c's encoder: a dummy-prefix space, characters (bytes as fallback), then merges.
+
+        llama2.c merges the best-scoring adjacent pair (the leftmost among equals) until none is
+        in the vocabulary. This does the same merges in the same order, with a heap of candidate
+        pairs over a linked list, in O(n log n) rather than O(n²). Results are memoized: training
+        runs tokenize the same texts again.
+        """
+        key = (text, bos)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return list(hit)
         ids: list[int] = []
         for ch in (" " + text) if text else "":
             piece = ch.encode()
@@ -205,17 +217,43 @@ class Llama2cTokenizer:
                 ids.append(self.ids[piece])
             else:
                 ids.extend(b + 3 for b in piece)  # byte fallback <0x00>.. are ids 3..258
-        while True:
-            best = (-1e30, -1, -1)
-            for i in range(len(ids) - 1):
-                merged = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
-                if merged is not None and self.scores[merged] > best[0]:
-                    best = (self.scores[merged], merged, i)
-            if best[1] < 0:
-                break
-            _, merged, i = best
-            ids[i : i + 2] = [merged]
-        return [self.bos_token_id, *ids] if bos else ids
+        ids = self._merge(ids)
+        out = [self.bos_token_id, *ids] if bos else ids
+        if len(self._memo) < 1_000_000:
+            self._memo[key] = tuple(out)
+        return out
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        n = len(ids)
+        nxt = list(range(1, n + 1))  # linked list over the original positions; n is the end
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:
+            j = nxt[i]
+            if j < n:
+                merged = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[j]])
+                if merged is not None:
+                    # Position i orders pairs left to right, so ties go to the leftmost pair.
+                    heapq.heappush(heap, (-self.scores[merged], i, ids[i], ids[j], merged))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, left, right, merged = heapq.heappop(heap)
+            j = nxt[i] if alive[i] else n
+            if j >= n or ids[i] != left or ids[j] != right:
+                continue  # stale: one side merged since this pair was pushed
+            ids[i] = merged
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                push(prv[i])
+            push(i)
+        return [ids[i] for i in range(n) if alive[i]]
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids (BOS/EOS dropped, byte tokens joined as UTF-8)."""
