@@ -4,6 +4,7 @@ forward written from llama2.c's own layout (interleaved RoPE, unpermuted weights
 from __future__ import annotations
 
 import pathlib
+import random
 import struct
 
 import jax
@@ -123,6 +124,40 @@ def test_tokenizer_round_trip(stories):
     assert enc["attention_mask"] == [[1] * len(enc["input_ids"][0])]
     assert tok.decode(enc["input_ids"][0]) == text
     assert tok.decode(tok.encode("naïve café")) == "naïve café"  # byte fallback
+
+
+def _llama2c_encode(tok, text: str) -> list[int]:
+    """run.c's `encode`, as written there: merge the best-scoring adjacent pair (the first of
+    equal scores) until none is in the vocabulary, scanning the whole sequence each time."""
+    ids = []
+    for ch in " " + text if text else "":
+        piece = ch.encode()
+        ids += [tok.ids[piece]] if piece in tok.ids else [b + 3 for b in piece]
+    while True:
+        best, at = -1e10, -1
+        for i in range(len(ids) - 1):
+            merged = tok.ids.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]])
+            if merged is not None and tok.scores[merged] > best:
+                best, at = tok.scores[merged], i
+        if at < 0:
+            return [tok.bos_token_id, *ids]
+        ids[at : at + 2] = [tok.ids[tok.pieces[ids[at]] + tok.pieces[ids[at + 1]]]]
+
+
+def test_tokenizer_merges_as_llama2c_does(stories):
+    _, _, tok = stories
+    rng = random.Random(0)
+    texts = ["", " ", "aaaaaaaaaaaaaaaa", "the the the the", "Lily's 3 cats (naïve) ran."]
+    texts += [
+        "".join(rng.choice("ab cdeé thn\n .,漢") for _ in range(rng.randint(0, 40)))
+        for _ in range(300)
+    ]
+    for text in texts:
+        assert tok.encode(text) == _llama2c_encode(tok, text), repr(text)
+    # Memoized encodes are copies: changing one does not change the next.
+    first = tok.encode("Once upon a time")
+    first.append(7)
+    assert tok.encode("Once upon a time") == _llama2c_encode(tok, "Once upon a time")
 
 
 def test_padded_batch_matches_unpadded(stories):
