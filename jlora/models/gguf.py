@@ -107,6 +107,14 @@ class KeptBlocks:
         return QuantizedKernel(data=self.blocks, fmt=self.fmt, shape=self.shape[::-1], blocksize=32)
 
 
+# Open readers by (real path, size, mtime): gguf's reader parses every metadata field in
+# Python when it opens a file (SmolLM2's 49,152-token vocabulary and merges: about 22 s on one
+# CPU core), and runs load the same file again (a quantized and a plain load, a pre-pass
+# model). The readers are read-only memory maps; a changed file has another key.
+_READERS: dict[tuple[str, int, int], Any] = {}
+_MAX_READERS = 2
+
+
 class GGUFCheckpoint:
     """A memory-mapped Llama GGUF: `config`, `names()` and `read(name)` in Hugging Face terms.
 
@@ -141,14 +149,22 @@ class GGUFCheckpoint:
 
         if not os.path.isfile(self.path):
             raise ModelFileError(f"{self.path}: no such file")
+        st = os.stat(self.path)
+        key = (os.path.realpath(self.path), st.st_size, st.st_mtime_ns)
+        if key in _READERS:
+            return _READERS[key]
         try:
-            return GGUFReader(self.path, "r")
+            reader = GGUFReader(self.path, "r")
         except Exception as e:  # bad magic or version, truncated tensor data: all end up here
             reason = exception_line(e)
             raise ModelFileError(
                 f"{self.path}: not a readable GGUF file ({reason}); it may be truncated or "
                 "corrupt: download it again"
             ) from None
+        while len(_READERS) >= _MAX_READERS:
+            _READERS.pop(next(iter(_READERS)))
+        _READERS[key] = reader
+        return reader
 
     def field(self, key: str, default: Any = None) -> Any:
         """The value of a GGUF metadata field (str, number, bool or list), or `default`."""
