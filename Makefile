@@ -36,12 +36,13 @@ endif
 train: setup
 	$(BIN)/python train.py
 
-# The test suite without the tests marked slow (15 minutes in CI on 2 CPU cores from a fresh
-# clone, 2026-12-04; later runs reuse the compilation cache in .jax_cache/).
+# The test suite without the tests marked slow (15-17 minutes on 2 CPU cores from a fresh
+# clone, 2026-12-05; later runs reuse the compilation cache in .jax_cache/).
 test: setup
 	$(BIN)/python -m pytest -n 2 -q -m 'not slow' --durations=25
 
-# The slow tests only (CI runs them after `make test`).
+# The slow tests only (CI runs them after `make test`; 47 minutes for the first 104 of them on
+# 2026-12-05 before the last trims, more than an hour in all).
 test-slow: setup
 	$(BIN)/python -m pytest -n 2 -q -m slow --durations=40
 
