@@ -34,7 +34,6 @@ from jlora.train import config, loop, tasks
 from jlora.train.setup import run_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 OPTIONS = {"nola": {"nola_num_basis": [4, 4]}}
 
 
@@ -124,7 +123,11 @@ def main() -> int:
     ap.add_argument("--methods", required=True)
     ap.add_argument("--resume-check", action="store_true")
     ap.add_argument("--scan-layers", action="store_true", help="model.scan_layers=true")
-    ap.add_argument("--meshes", default="8x1x1,2x4x1,2x2x2,1x1x8", help="the first method's")
+    ap.add_argument(
+        "--meshes",
+        default="8x1x1,2x4x1,2x2x2,1x1x8",
+        help="the first method's (data x fsdp x tensor)",
+    )
     args = ap.parse_args()
     first_meshes = [tuple(int(n) for n in m.split("x")) for m in args.meshes.split(",")]
     scan = args.scan_layers
