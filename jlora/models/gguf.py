@@ -108,9 +108,9 @@ class KeptBlocks:
 
 
 # Open readers by (real path, size, mtime): gguf's reader parses every metadata field in
-# Python when it opens a file (SmolLM2's 49,152-token vocabulary and merges: about 22 s on one
-# CPU core), and runs load the same file again (a quantized and a plain load, a pre-pass
-# model). The readers are read-only memory maps; a changed file has another key.
+# Python when it opens a file (SmolLM2's 49,152-token vocabulary and merges: 22 s measured on a
+# busy 2-core machine), and runs load the same file again (a quantized and a plain load, a
+# pre-pass model). The readers are read-only memory maps; a changed file has another key.
 _READERS: dict[tuple[str, int, int], Any] = {}
 _MAX_READERS = 2
 
