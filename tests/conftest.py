@@ -49,6 +49,23 @@ def pytest_configure(config):
     )
 
 
+# Each test over LONG_TEST_S seconds is reported as it finishes, with the time of day: the
+# --durations table is printed only when the whole run ends, and a CI run stopped at its time
+# limit would otherwise leave no timings at all. JLORA_TEST_REPORT_OVER=0 reports every test.
+LONG_TEST_S = float(os.environ.get("JLORA_TEST_REPORT_OVER", "30"))
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" or report.duration < LONG_TEST_S:
+        return
+    import time
+
+    print(
+        f"\n[{time.strftime('%H:%M:%S')}] {report.duration:6.1f}s {report.nodeid}",
+        flush=True,
+    )
+
+
 @contextlib.contextmanager
 def optimized_compiles() -> Iterator[None]:
     """Optimized compiles inside the block, in this process and the processes it starts."""
