@@ -259,8 +259,13 @@ def test_a_quantized_base_runs_as_its_dequantized_copy(quantized_model, fmt):
         assert k.nbytes == want, (k.shape, k.nbytes, want)
 
 
-_SLOW_CASES = [(m, "nf4") for m in ("slora", "vera", "nola", "pissa", "inttune")] + [
-    ("lora", "int8"),
+# Slow: a method with frozen shared matrices (VeRA) and one with frozen bases (NOLA) on NF4,
+# and each other format once. The injected layer dequantizes the kernel before any method's
+# code runs, so a method that trains here on one format trains on all; the other pairs (about
+# 25 s of CI time each) were dropped to fit CI's time limit.
+_SLOW_CASES = [
+    ("vera", "nf4"),
+    ("nola", "nf4"),
     ("dora", "int8"),
     ("lora", "q4_1"),
     ("pissa", "q8_0"),
