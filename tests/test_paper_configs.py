@@ -4,8 +4,8 @@ comments say, the GPT-2 E2E runs' settings are the official scripts', and each r
 The runs themselves need a 7–8B model and the hub; here each recipe (method, options, learning
 rate, schedule, accumulation, remat) runs on the stories260K Llama with the shipped MetaMathQA-
 format sample (the GPT-2 E2E recipes on a tiny random GPT-2 with the shipped E2E sample), and
-must end with a training loss below that of the same run without learning
-(learning rate 1e-12: the same batches in the same order, so the comparison is paired).
+must end with a training loss below that of the same run without learning (the initial
+adapters' loss on the same last batches, so the comparison is paired).
 """
 
 from __future__ import annotations
@@ -74,6 +74,31 @@ def _last_losses(cfg, out: pathlib.Path, k: int = 10) -> float:
     return sum(losses[-k:]) / k
 
 
+def _losses_without_learning(cfg, k: int = 10) -> float:
+    """What `_last_losses` gives for the same run without learning: the initial adapters' loss
+    on the batches of the run's last k steps (the same data order, pre-pass and dropout keys as
+    `loop.run`; its logged loss is computed before each update). This replaced a second run at
+    learning rate 1e-12, which gave the same number at the cost of a whole training run."""
+    import jax
+
+    from jlora.train import setup as setup_lib
+    from jlora.train import tasks
+
+    s = setup_lib.Setup(cfg, rows=tasks.read_data(cfg))
+    trainable = s.initial_state(s.optimizer())["trainable"]
+    loss = jax.jit(setup_lib.loss_of(cfg, s.model, s.dtype))
+    t, batches, total = cfg.train, iter(s.data.train), 0.0
+    for step in range(t.steps):
+        micro = [s.batch(next(batches)) for _ in range(t.grad_accum)]
+        if step < t.steps - k:
+            continue
+        # The keys `jlora.train.steps` folds into dropout: the step, or step * 1000 + micro.
+        keys = [step] if t.grad_accum == 1 else [step * 1000 + i for i in range(t.grad_accum)]
+        losses = [float(loss(trainable, s.frozen, b, n)) for b, n in zip(micro, keys, strict=True)]
+        total += sum(losses) / len(losses)
+    return total / k
+
+
 @pytest.mark.slow
 @pytest.mark.optimized  # 80 real steps: unoptimized XLA:CPU code runs them 2x slower (conftest)
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -101,9 +126,9 @@ def test_paper_recipe_learns(tmp_path, path):
         "train.eval_every=0",
         "checkpoint.every=0",
     ]
-    learned = _last_losses(config_lib.load(path, overrides), tmp_path / "learned")
-    frozen = config_lib.load(path, [*overrides, "train.learning_rate=1e-12"])
-    baseline = _last_losses(frozen, tmp_path / "frozen")
+    cfg = config_lib.load(path, overrides)
+    learned = _last_losses(cfg, tmp_path / "learned")
+    baseline = _losses_without_learning(cfg)
     assert learned < baseline - 0.05, f"{path.name}: loss {learned:.4f} vs {baseline:.4f}"
 
 
@@ -156,7 +181,7 @@ def test_e2e_recipe_learns(tmp_path, path, tiny_gpt2):
         "train.eval_batch_size=1",
         "checkpoint.every=0",
     ]
-    learned = _last_losses(config_lib.load(path, overrides), tmp_path / "learned")
-    frozen = config_lib.load(path, [*overrides, "train.learning_rate=1e-12"])
-    baseline = _last_losses(frozen, tmp_path / "frozen")
+    cfg = config_lib.load(path, overrides)
+    learned = _last_losses(cfg, tmp_path / "learned")
+    baseline = _losses_without_learning(cfg)
     assert learned < baseline - 0.05, f"{path.name}: loss {learned:.4f} vs {baseline:.4f}"
