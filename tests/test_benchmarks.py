@@ -8,6 +8,7 @@ are the real ones, and the report, targets and chart are written.
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -253,12 +254,15 @@ def test_scale_cost_rows(tmp_path, capsys):
 def test_quant_cost_rows(tmp_path, capsys):
     """`python -m benchmarks.quant_cost` on one SmolLM2 layer: a row per base storage, their
     kernel bytes exactly the formats' (NF4: 4 bits and a float32 scale per 64 values; int8: a
-    byte and a float32 scale per output channel; the GGUF's Q4_1: 20 bytes per 32 values), and
-    (with bitsandbytes) jlora's NF4 step beside PEFT's on bitsandbytes NF4 layers."""
+    byte and a float32 scale per output channel; the GGUF's Q4_1: 20 bytes per 32 values), the
+    load-memory rows (on stories260K), and (with bitsandbytes) jlora's NF4 step beside PEFT's
+    on bitsandbytes NF4 layers."""
     from benchmarks import quant_cost
 
     argv = ["--workloads", "smollm2", "--smollm-layers", "1", "--smollm-seq", "32"]
-    argv += ["--load-formats", "fp32,nf4"]  # each load reads SmolLM2's GGUF in a new process
+    # The load rows below load the stories260K Llama: each SmolLM2 load (a new process reading
+    # its GGUF) costs 30-40 s here.
+    argv += ["--no-load"]
     assert quant_cost.main([*argv, "--rounds", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "quant_cost.json").read_text())["rows"]
     by = {r["storage"]: r for r in rows if r["section"] == "quant"}
@@ -271,8 +275,11 @@ def test_quant_cost_rows(tmp_path, capsys):
     assert by["bf16"]["vs_bf16"] == 1.0 and by["fp32"]["vs_fp32"] == 1.0
     # The kept blocks hold the very values the plain (dequantized) load holds: the same loss.
     assert by["gguf"]["loss_at_init"] == pytest.approx(by["bf16"]["loss_at_init"], rel=1e-4)
-    loads = {r["storage"]: r for r in rows if r["section"] == "quant-load"}
+    assert not any(r["section"] == "quant-load" for r in rows)
+    stories = str(pathlib.Path(__file__).parent / "fixtures" / "stories260K" / "stories260K.bin")
+    loads = {r["storage"]: r for r in quant_cost.load_rows(stories, ("fp32", "nf4"))}
     assert set(loads) == {"baseline", "fp32", "nf4"}
+    assert loads["baseline"]["params_bytes"] == 0
     assert loads["nf4"]["params_bytes"] < loads["fp32"]["params_bytes"] / 3
     # (no assertion on the peaks: under pytest's workers they vary by hundreds of MiB)
     assert all(r["peak_rss"] > 0 for r in loads.values())
