@@ -49,6 +49,28 @@ def pytest_configure(config):
     )
 
 
+# The longest tests (1.5-6 minutes each on 2 cores, 2026-12-05) start first: pytest-xdist hands
+# tests out in collection order, and one of these collected last would keep one worker busy
+# for minutes after the other ran out of tests. Order within each group is kept.
+LONG_FIRST = (
+    "tests/test_mesh_training.py::test_mesh_runs",
+    "tests/test_configs_learn.py::test_e2e_config_learns",
+    "tests/test_multihost.py::test_two_processes",
+    "tests/test_guarantees.py::test_kills_at_random_points",
+    "tests/test_benchmarks.py::test_quant_cost_rows",
+    "tests/test_paper_configs.py::test_",
+    "tests/test_configs_learn.py::test_sst2",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        starts = [i for i, p in enumerate(LONG_FIRST) if item.nodeid.startswith(p)]
+        return starts[0] if starts else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable
+
+
 # Each test over LONG_TEST_S seconds is reported as it finishes, with the time of day: the
 # --durations table is printed only when the whole run ends, and a CI run stopped at its time
 # limit would otherwise leave no timings at all. JLORA_TEST_REPORT_OVER=0 reports every test.
