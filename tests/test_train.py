@@ -360,8 +360,10 @@ def test_final_lr_ratio_and_smoothing_are_validated():
             _cfg(GSM8K_TINY, train={field: value})
 
 
+# GoRA (per-layer ranks and scales); NOLA (per-layer bases, 93 s here) was dropped to fit CI's
+# time limit: tests/test_scan_layers.py unstacks its scanned adapters and checks the logits.
 @SLOW  # two short stories260K runs and three exports (~60 s)
-@pytest.mark.parametrize("method", ["nola", "gora"])
+@pytest.mark.parametrize("method", ["gora"])
 def test_scan_layers_run_exports_the_per_layer_model(tmp_path, method):
     """`model.scan_layers`: the run trains stacked weights under nn.scan (adapter dropout on,
     each layer its own mask), evaluates by generating with the unrolled model, resumes, and
