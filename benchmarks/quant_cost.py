@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--workloads {args.workloads!r}: unknown {sorted(unknown)}; expected minilm,smollm2"
         )
     loads = args.load_formats.split(",")
-    allowed = ("fp32", "nf4", "int8", "q4_0", "q4_1", "q8_0", "gguf")
+    allowed = ("fp32", *quant.FORMATS, "gguf")  # fp32: no quantization
     if not set(loads) <= set(allowed):
         p.error(
             f"--load-formats {args.load_formats!r}: expected a comma-separated subset of "

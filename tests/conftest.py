@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,8 +81,6 @@ LONG_TEST_S = float(os.environ.get("JLORA_TEST_REPORT_OVER", "30"))
 def pytest_runtest_logreport(report):
     if report.when != "call" or report.duration < LONG_TEST_S:
         return
-    import time
-
     print(
         f"\n[{time.strftime('%H:%M:%S')}] {report.duration:6.1f}s {report.nodeid}",
         flush=True,
