@@ -17,6 +17,7 @@ method's `K − ΔK`), and runs `iters` LoftQ alternations where the method has 
 median of the per-target relative errors. Prints a Markdown table, writes `quant_init.json`.
 
   python -m benchmarks.quant_init
+  python -m benchmarks.quant_init --workloads smollm2 --formats nf4 --methods lora,pissa
 """
 
 from __future__ import annotations
@@ -113,8 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", default="minilm,smollm2", help="comma-separated subset")
     p.add_argument("--formats", default="nf4,int8")
     p.add_argument("--smollm-layers", type=int, default=30)
+    methods = sorted({m for _, m, _, _ in INITS})
+    p.add_argument(
+        "--methods",
+        default=",".join(methods),
+        help=f"comma-separated subset of the inits' methods ({','.join(methods)})",
+    )
     p.add_argument("--out", default="runs/benchmarks")
     args = p.parse_args(argv)
+    chosen = args.methods.split(",")
+    if unknown := [m for m in chosen if m not in methods]:
+        p.error(f"--methods: unknown {unknown}; expected some of {methods}")
+    inits = [i for i in INITS if i[1] in chosen]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in args.formats.split(","):
             if fmt not in quant.FORMATS:
                 p.error(f"--formats: unknown {fmt!r}; expected some of {quant.FORMATS}")
-            rows += errors(w, fmt, INITS)
+            rows += errors(w, fmt, inits)
     shown = [
         {
             **r,

@@ -291,14 +291,19 @@ def test_quant_cost_rows(tmp_path, capsys):
 
 
 def test_quant_init_rows(tmp_path, capsys):
-    """`python -m benchmarks.quant_init` on one SmolLM2 layer, NF4: plain quantization is the
-    baseline; LoftQ's alternation and QPiSSA start nearer the full-precision kernels."""
+    """`python -m benchmarks.quant_init` on one SmolLM2 layer, NF4, LoRA's and PiSSA's inits
+    (the others' rows are the same code, after a gradient pre-pass for GoRA and LoRA-GA): plain
+    quantization is the baseline; LoftQ's alternation and QPiSSA start nearer the
+    full-precision kernels."""
     from benchmarks import quant_init
 
     argv = ["--workloads", "smollm2", "--smollm-layers", "1", "--formats", "nf4"]
+    with pytest.raises(SystemExit):
+        quant_init.main([*argv, "--methods", "lora,qlora"])
+    argv += ["--methods", "lora,pissa"]
     assert quant_init.main([*argv, "--out", str(tmp_path)]) == 0
     rows = {r["init"]: r for r in json.loads((tmp_path / "quant_init.json").read_text())["rows"]}
-    assert len(rows) == len(quant_init.INITS)
+    assert len(rows) == len([i for i in quant_init.INITS if i[1] in ("lora", "pissa")]) == 5
     plain = rows["lora (plain quantization)"]
     assert plain["vs_plain"] == 1.0 and plain["targets"] == 7 and 0 < plain["error"] < 0.2
     assert rows["lora + LoftQ 5"]["error"] < rows["lora + LoftQ 1"]["error"] < plain["error"]

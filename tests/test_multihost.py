@@ -22,7 +22,7 @@ import yaml
 from conftest import MULTIDEVICE_ENV, tiny_model
 
 from jlora.errors import ConfigError
-from jlora.train import config, distributed
+from jlora.train import config, distributed, loop
 from jlora.train.distributed import DistributedConfig, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -188,7 +188,10 @@ def _config(tmp: pathlib.Path, method: str) -> pathlib.Path:
 def test_two_processes_train_like_one_and_write_each_file_once(tmp_path, method):
     cfg = _config(tmp_path, method)
     ref, run = tmp_path / "ref", tmp_path / "two"
-    _ok(_train(cfg, ref, processes=1))
+    # The reference: the same run in this process, on one device (tests/test_mesh_training.py
+    # shows a mesh run's losses are the 1-device run's).
+    one = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+    loop.run(config.load(cfg, one), ref, progress=False)
     first = _train(cfg, run, "--set", "train.steps=3", processes=2)
     _ok(first)
     # Process 0 prints the summary table; process 1 writes and prints nothing of the run's.
@@ -208,28 +211,14 @@ def test_two_processes_train_like_one_and_write_each_file_once(tmp_path, method)
     ]
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
 
-    # One process on one device exports what two processes trained: the reference's adapters.
+    # One process on one device (this one: `train.py export` is `export_run`) exports what two
+    # processes trained: the reference's adapters.
     from safetensors.numpy import load_file
 
+    from jlora.train import export
+
     for name, src in (("two", run), ("ref", ref)):
-        exp = subprocess.run(
-            [
-                sys.executable,
-                str(TRAIN),
-                "export",
-                "--run",
-                str(src),
-                "--format",
-                "peft",
-                "--out",
-                str(tmp_path / f"peft-{name}"),
-            ],
-            env=_env(1),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert exp.returncode == 0, exp.stderr[-2000:]
+        export.export_run(src, "peft", tmp_path / f"peft-{name}")
     a = load_file(tmp_path / "peft-two" / "adapter_model.safetensors")
     b = load_file(tmp_path / "peft-ref" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and a

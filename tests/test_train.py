@@ -77,10 +77,11 @@ def _losses(out: pathlib.Path) -> list[tuple[int, float]]:
 SLOW = pytest.mark.slow
 
 
+# GoRA's run is restored by test_exports_of_a_trained_run[gora] (its allocated ranks rebuilt).
 @pytest.mark.parametrize(
     "method",
     ["lora", "pissa", "slora", "nlora", "inttune", "nlora-bf16"]
-    + [pytest.param(m, marks=SLOW) for m in ("nola", "gora", "full")],
+    + [pytest.param(m, marks=SLOW) for m in ("nola", "full")],
 )
 def test_every_method_trains_and_reports(tmp_path, method):
     if method == "full":
@@ -128,38 +129,6 @@ def test_resume_gives_identical_losses(tmp_path):
     straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert [s for s, _ in split] == list(range(1, 5))
     assert split == straight  # bit-identical on CPU
-
-
-@SLOW
-def test_sigkill_mid_run_resumes(tmp_path):
-    """A run killed with SIGKILL resumes from its last complete checkpoint."""
-    cfg = _cfg(
-        GSM8K_TINY,
-        adapter=ADAPTERS["lora"],
-        train={"steps": 40},
-        checkpoint={"every": 5, "keep": 2},
-    )
-    (tmp_path / "c.json").write_text(json.dumps(config_lib.to_dict(cfg)))
-    script = (
-        "import json, sys; from jlora.train import config, loop;"
-        f"cfg = config.from_dict(json.load(open({str(tmp_path / 'c.json')!r})));"
-        f"loop.run(cfg, {str(tmp_path / 'run')!r}, progress=False, resume=True)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    ckpts = tmp_path / "run" / "checkpoints"
-    import time
-
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpts.iterdir()):
-            break
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait()
-    summary = loop.run(cfg, tmp_path / "run", progress=False, resume=True)
-    assert summary["steps"] == 40
-    steps = [s for s, _ in _losses(tmp_path / "run")]
-    assert steps == list(range(1, 41))
 
 
 def _sst2_run(tmp, method: str):
