@@ -38,7 +38,7 @@ def _beta_f(p: float, r: float, beta: float = 1.2) -> float:
     return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
-@pytest.mark.slow  # starts Java three times (~20 s each)
+@pytest.mark.slow  # starts Java (the PTB tokenizer twice per call, METEOR once)
 @NEEDS_COCO
 def test_coco_metrics_hand_worked():
     # ROUGE-L: PTB tokens are lower-cased, punctuation dropped. Segment 1: LCS 3 of 3 output and
@@ -59,6 +59,32 @@ def test_coco_metrics_hand_worked():
     # no word in common: METEOR 0.
     got = coco.coco_scores(["x y z"], [["the cat sat"]])
     assert got == {"METEOR": 0.0, "ROUGE_L": 0.0, "CIDEr": 0.0}
+
+
+@pytest.mark.slow  # starts METEOR's JVM twice (~5 s each)
+@NEEDS_COCO
+def test_one_meteor_process_serves_every_call_and_a_dead_one_is_replaced():
+    args = (["the cat sat", "a dog"], [["the cat sat on the mat"], ["a dog", "the dog"]])
+    first = coco.coco_scores(*args)
+    process = coco._meteor.meteor_p
+    assert coco.coco_scores(*args) == first and coco._meteor.meteor_p is process
+    process.kill()
+    process.wait()
+    assert coco.coco_scores(*args) == first and coco._meteor.meteor_p is not process
+    # A call that fails (as pycocoevalcap's do: its lock still held) ends its process and
+    # raises; the next call starts another.
+    meteor = coco._meteor
+
+    def fails(gts, res):
+        meteor.lock.acquire()
+        raise RuntimeError("METEOR answered nonsense")
+
+    meteor.compute_score = fails
+    with pytest.raises(RuntimeError, match="nonsense"):
+        coco.coco_scores(*args)
+    assert coco._meteor is None and not meteor.lock.locked()
+    assert meteor.meteor_p.wait(timeout=30) is not None
+    assert coco.coco_scores(*args) == first
 
 
 def _dev() -> tuple[list[str], list[list[str]]]:

@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import shutil
 from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,31 @@ def coco_scores(
     res = {i: [{"caption": out}] for i, out in zip(ids, outputs, strict=True)}
     tokenizer = PTBTokenizer()
     gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-    out: dict[str, float | None] = {}
-    for name, scorer in (("METEOR", Meteor()), ("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+    out: dict[str, float | None] = {"METEOR": float(_meteor_score(Meteor, gts, res))}
+    for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
         score, _ = scorer.compute_score(gts, res)
         out[name] = float(score)
     return out
+
+
+# One METEOR process per Python process, started by the first call: its start (a JVM loading
+# METEOR's paraphrase tables) takes ~5 s, scoring a corpus with it milliseconds, and a run
+# scores at each evaluation. Each call is independent (`-stdio`: SCORE lines, then one EVAL).
+_meteor: Any = None
+
+
+def _meteor_score(meteor_cls: Any, gts: dict, res: dict) -> float:
+    global _meteor
+    if _meteor is None or _meteor.meteor_p.poll() is not None:  # first call, or it has died
+        _meteor = meteor_cls()
+    try:
+        score, _ = _meteor.compute_score(gts, res)
+    except BaseException:
+        # A failed call may leave the scorer's lock held (pycocoevalcap releases it only on
+        # success) and its pipes mid-exchange: drop that process; the next call starts another.
+        failed, _meteor = _meteor, None
+        if failed.lock.locked():
+            failed.lock.release()
+        failed.meteor_p.kill()
+        raise
+    return score
