@@ -36,14 +36,16 @@ endif
 train: setup
 	$(BIN)/python train.py
 
-# The test suite without the tests marked slow (17 minutes on 2 CPU cores from a fresh clone,
-# 2026-12-05; later runs reuse the compilation cache in .jax_cache/).
+# The test suite without the tests marked slow (6 minutes on 2 CPU cores from a fresh clone,
+# 2026-12-05, on a machine about 2.5x faster than the one that measured 17; later runs reuse the
+# compilation cache in .jax_cache/).
 test: setup
 	$(BIN)/python -m pytest -n 2 -q -m 'not slow' --durations=25
 
-# The slow tests only (CI runs them after `make test`): 65 minutes for all 159 from a fresh
-# clone on 2 cores, 2026-12-05, before that day's last trims (about 58 expected after them).
-# Each test over 30 s is printed with the time of day as it finishes (tests/conftest.py).
+# The slow tests only (CI runs them after `make test`): 20 minutes for all 156 after `make test`
+# in a fresh clone on that faster machine, 2026-12-05 (23 before that day's last cuts; the
+# slower machine took 65 before its own). Each test over 30 s is printed with the time of day
+# as it finishes (tests/conftest.py).
 test-slow: setup
 	$(BIN)/python -m pytest -n 2 -q -m slow --durations=40
 

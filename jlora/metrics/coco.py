@@ -9,7 +9,8 @@ CIDEr-D (σ = 6, document frequencies over the corpus's references) score each s
 corpus score is METEOR's own aggregate and the mean of the other two. The tokenizer and
 METEOR are Java programs shipped inside `pycocoevalcap`: without a `java` on the PATH (Debian:
 `apt-get install default-jre-headless`) or without `pycocoevalcap`, these metrics cannot be
-computed as the challenge does and are reported as missing (None), never as 0.
+computed as the challenge does and are reported as missing (None), never as 0. One METEOR
+process serves every call in a Python process (started by the first; replaced if it dies).
 
 Example:
   >>> scores = coco_scores(["the cat sat"], [["the cat sat on the mat"]])  # doctest: +SKIP
