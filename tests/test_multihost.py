@@ -22,7 +22,7 @@ import yaml
 from conftest import MULTIDEVICE_ENV, tiny_model
 
 from jlora.errors import ConfigError
-from jlora.train import config, distributed, loop
+from jlora.train import config, distributed, export, loop
 from jlora.train.distributed import DistributedConfig, settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -107,32 +107,21 @@ def _env(devices: int, process: int | None = None, port: int = 0) -> dict[str, s
     return env
 
 
-def _train(cfg: pathlib.Path, out: pathlib.Path, *args: str, processes: int) -> list:
-    """`train.py` as `processes` processes (8 devices in all); `(process, stdout, stderr)` of
-    each once all have ended."""
+def _train_two(cfg: pathlib.Path, out: pathlib.Path, *args: str) -> list:
+    """`train.py` as two processes of 4 devices each; `(process, stdout, stderr)` of each once
+    both have ended."""
     cmd = [sys.executable, str(TRAIN), "--config", str(cfg), "--out", str(out), "--no-progress"]
-    if processes == 1:
-        procs = [
-            subprocess.Popen(
-                [*cmd, *args],
-                env=_env(8),
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        ]
-    else:
-        port = _free_port()
-        procs = [
-            subprocess.Popen(
-                [*cmd, *args],
-                env=_env(4, i, port),
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            for i in range(2)
-        ]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [*cmd, *args],
+            env=_env(4, i, port),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     return [(p, *p.communicate(timeout=900)) for p in procs]
 
 
@@ -192,11 +181,11 @@ def test_two_processes_train_like_one_and_write_each_file_once(tmp_path, method)
     # shows a mesh run's losses are the 1-device run's).
     one = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
     loop.run(config.load(cfg, one), ref, progress=False)
-    first = _train(cfg, run, "--set", "train.steps=3", processes=2)
+    first = _train_two(cfg, run, "--set", "train.steps=3")
     _ok(first)
     # Process 0 prints the summary table; process 1 writes and prints nothing of the run's.
     assert "| method |" in first[0][1] and "| method |" not in first[1][1]
-    _ok(_train(cfg, run, "--resume", processes=2))
+    _ok(_train_two(cfg, run, "--resume"))
 
     want = {r["step"]: r["loss"] for r in _rows(ref) if "loss" in r}
     rows = _rows(run)
@@ -214,8 +203,6 @@ def test_two_processes_train_like_one_and_write_each_file_once(tmp_path, method)
     # One process on one device (this one: `train.py export` is `export_run`) exports what two
     # processes trained: the reference's adapters.
     from safetensors.numpy import load_file
-
-    from jlora.train import export
 
     for name, src in (("two", run), ("ref", ref)):
         export.export_run(src, "peft", tmp_path / f"peft-{name}")

@@ -60,7 +60,6 @@ def coco_scores(
         log.warning("METEOR, ROUGE_L and CIDEr are missing: %s", why)
         return dict.fromkeys(METRICS)
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -70,7 +69,7 @@ def coco_scores(
     res = {i: [{"caption": out}] for i, out in zip(ids, outputs, strict=True)}
     tokenizer = PTBTokenizer()
     gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-    out: dict[str, float | None] = {"METEOR": float(_meteor_score(Meteor, gts, res))}
+    out: dict[str, float | None] = {"METEOR": float(_meteor_score(gts, res))}
     for name, scorer in (("ROUGE_L", Rouge()), ("CIDEr", Cider())):
         score, _ = scorer.compute_score(gts, res)
         out[name] = float(score)
@@ -83,10 +82,12 @@ def coco_scores(
 _meteor: Any = None
 
 
-def _meteor_score(meteor_cls: Any, gts: dict, res: dict) -> float:
+def _meteor_score(gts: dict, res: dict) -> float:
+    from pycocoevalcap.meteor.meteor import Meteor
+
     global _meteor
     if _meteor is None or _meteor.meteor_p.poll() is not None:  # first call, or it has died
-        _meteor = meteor_cls()
+        _meteor = Meteor()
     try:
         score, _ = _meteor.compute_score(gts, res)
     except BaseException:
