@@ -4,6 +4,8 @@ adapter on the factored path equal to the merged path."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -220,3 +222,46 @@ def test_adapter_dropout_draws_one_mask_per_scanned_layer(framework):
     got = run(key)
     assert rel_err(got, want) <= 1e-5
     assert rel_err(run(None), want) > 1e-3  # no key: no dropout
+
+
+def test_nola_regenerated_bases_are_drawn_again_for_the_backward_pass():
+    """`nola_basis="regenerate"` on scanned layers: the coefficients' gradients are those of
+    cached bases, and the compiled gradient keeps no layer's bases for the backward pass (it
+    draws them again from the key), so its scratch memory stays well below the bases' size.
+    Autodiff of the plain draw kept them all, as much memory as `"cache"` holds (here 12
+    layers: what is left is one layer's draws, whose XLA:CPU loops hold several times a
+    layer's bases)."""
+    ms = Llama(dataclasses.replace(LLAMA, num_hidden_layers=12), scan_layers=True)
+    ps = ms.init(jax.random.key(0), IDS)["params"]
+
+    def gradient(basis: str):
+        cfg = jlora.AdapterConfig(
+            method="nola",
+            rank=2,
+            targets=jm.preset(ms, "all-linear"),
+            nola_num_basis=(512, 512),
+            nola_basis=basis,
+        )
+        base, ad = jlora.init(cfg, ps, 0, layouts=jlora.stacked_layouts(ps))
+        coefs = {
+            p: {n: a.params[n] + 0.1 * (i + 1) for n in ("alpha", "beta")}
+            for i, (p, a) in enumerate(ad.items())
+        }
+
+        def loss(c):
+            trained = {p: a.replace(params={**a.params, **c[p]}) for p, a in ad.items()}
+            return jnp.sum(jlora.linen.apply(ms, {"params": base}, trained, IDS) ** 2)
+
+        f = jax.jit(jax.grad(loss))
+        scratch = f.lower(coefs).compile().memory_analysis().temp_size_in_bytes
+        return f(coefs), scratch, ad
+
+    regenerated, scratch, _ = gradient("regenerate")
+    cached, _, ad_cached = gradient("cache")
+    for p in regenerated:
+        for n in ("alpha", "beta"):
+            np.testing.assert_allclose(regenerated[p][n], cached[p][n], rtol=1e-5, atol=1e-6)
+    bases = sum(
+        x.nbytes for a in ad_cached.values() for n, x in a.params.items() if n.endswith("basis")
+    )
+    assert scratch < bases / 2, (scratch, bases)
