@@ -202,4 +202,3 @@ def test_e2e_config_learns(tmp_path, path, monkeypatch):
         f"{path.name}: BLEU {bleu:.4f} on {E2E_MRS} dev MRs after {steps} steps; the best "
         f"trivial system scores {trivial:.4f}"
     )
-
